@@ -1,0 +1,144 @@
+"""`seqrec` command line: synth, prepare, inspect (train, evaluate, export, recommend join as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from seqrec.errors import SeqrecError
+
+log = logging.getLogger("seqrec")
+
+_GENERIC_STEMS = {"u", "ratings", "data", "interactions", "train", "log"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        return args.run(args) or 0
+    except SeqrecError as exc:
+        print(f"seqrec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"seqrec {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seqrec", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    synth = commands.add_parser("synth", help="write the embedded synthetic interaction log (CSV)")
+    synth.add_argument("--preset", default="demo", help="tiny, demo, medium or large (default demo)")
+    synth.add_argument("--out", type=Path, required=True, help="CSV file to write")
+    synth.add_argument("--users", type=int)
+    synth.add_argument("--items", type=int)
+    synth.add_argument("--groups", type=int)
+    synth.add_argument("--mean-length", type=float)
+    synth.add_argument("--seed", type=int)
+    synth.set_defaults(run=_run_synth)
+
+    prepare = commands.add_parser("prepare", help="turn an interaction log into WebDataset shards and eval data")
+    prepare.add_argument("source", type=Path, help="interaction log")
+    prepare.add_argument("--out", type=Path, help="output directory (default shards/<name of the source>)")
+    prepare.add_argument("--format", choices=("pairs", "lines", "movielens", "csv", "tsv", "parquet"), help="default: detected")
+    prepare.add_argument("--user-col", help="csv/tsv/parquet: user column (default: a common name such as user_id)")
+    prepare.add_argument("--item-col", help="csv/tsv/parquet: item column (default: a common name such as item_id)")
+    prepare.add_argument("--time-col", help="csv/tsv/parquet: time column (default: timestamp if present, else file order)")
+    prepare.add_argument("--sep", help="csv/tsv: one-character separator")
+    prepare.add_argument("--titles", type=Path, help="item titles: u.item, movies.dat or 'item_id<TAB>title'")
+    prepare.add_argument("--item-map", type=Path, help="'log_id original_id' lines mapping log item ids to the titles file's ids")
+    prepare.add_argument("--dedup-consecutive", action="store_true", help="drop an item repeated right after itself")
+    prepare.add_argument("--min-user-interactions", type=int, default=1, help="k-core: minimum interactions per user")
+    prepare.add_argument("--min-item-interactions", type=int, default=1, help="k-core: minimum interactions per item")
+    prepare.add_argument("--short-users", choices=("train", "drop"), default="train", help="users with < 3 items (default train)")
+    prepare.add_argument("--shard-size", type=int, default=10_000, help="sequences per shard (default 10000)")
+    prepare.add_argument("--seed", type=int, default=0, help="seed of the user order across shards")
+    prepare.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    prepare.set_defaults(run=_run_prepare)
+
+    inspect = commands.add_parser("inspect", help="summarise a prepared dataset and show sample sequences")
+    inspect.add_argument("dataset", type=Path)
+    inspect.add_argument("--samples", type=int, default=3)
+    inspect.set_defaults(run=_run_inspect)
+
+    for command in (synth, prepare, inspect):
+        command.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    return parser
+
+
+def _run_synth(args: argparse.Namespace) -> None:
+    from seqrec.data.synth import generate, preset, write_csv
+
+    config = preset(args.preset, users=args.users, items=args.items, groups=args.groups, mean_length=args.mean_length, seed=args.seed)
+    synth_log = generate(config)
+    write_csv(synth_log, args.out)
+    log.info("wrote %s: %d interactions of %d users on %d items", args.out, len(synth_log), config.users, config.items)
+
+
+def _run_prepare(args: argparse.Namespace) -> None:
+    from seqrec.data.formats import ColumnSpec
+    from seqrec.data.prepare import PrepareOptions, prepare
+    from seqrec.data.sequences import FilterOptions
+
+    options = PrepareOptions(
+        source=args.source,
+        out=args.out or default_output(args.source),
+        format=args.format,
+        columns=ColumnSpec(user=args.user_col, item=args.item_col, time=args.time_col, separator=args.sep),
+        titles=args.titles,
+        item_map=args.item_map,
+        filters=FilterOptions(
+            dedup_consecutive=args.dedup_consecutive,
+            min_user_interactions=args.min_user_interactions,
+            min_item_interactions=args.min_item_interactions,
+        ),
+        short_users=args.short_users,
+        shard_size=args.shard_size,
+        seed=args.seed,
+        force=args.force,
+        show_progress=not args.quiet and sys.stderr.isatty(),
+    )
+    result = prepare(options)
+    if not result.skipped:
+        counts = result.meta["counts"]
+        log.info(
+            "prepared %s: %d users, %d items, %d interactions, %d training sequences in %d shards (%.1f s)",
+            result.out, counts["users"], counts["items"], counts["interactions"],
+            counts["train_sequences"], len(result.meta["shards"]), result.meta["seconds"],
+        )
+
+
+def default_output(source: Path) -> Path:
+    name = source.parent.name if source.stem in _GENERIC_STEMS and source.parent.name else source.stem
+    return Path("shards") / name
+
+
+def _run_inspect(args: argparse.Namespace) -> None:
+    from seqrec.data.prepared import PreparedDataset
+    from seqrec.data.shards import user_index_of
+    from seqrec.data.stream import StreamOptions, sequence_dataset
+
+    dataset = PreparedDataset.open(args.dataset)
+    meta, counts = dataset.meta, dataset.meta["counts"]
+    print(f"dataset      {dataset.root}  (from {meta['source']['source']['path']}, format {meta['source']['format']})")
+    print(f"users        {counts['users']:,}  ({counts['evaluated_users']:,} evaluated, {counts['train_only_users']:,} train-only, {counts['dropped_users']:,} dropped)")
+    print(f"items        {counts['items']:,}  ({counts['items_with_title']:,} with titles)")
+    print(f"interactions {counts['interactions']:,}  (raw {counts['raw_interactions']:,})")
+    lengths = meta["sequence_length"]
+    print(f"length       mean {lengths['mean']}, median {lengths['median']}, min {lengths['min']}, max {lengths['max']}")
+    print(f"shards       {len(meta['shards'])} x up to {meta['options']['shard_size']:,} sequences, {counts['train_interactions']:,} training interactions")
+    original_ids, titles = dataset.items()
+    users = dataset.user_ids()
+    stream = sequence_dataset(dataset.shard_paths(), StreamOptions(max_len=10**9, shuffle_buffer=0), dataset.num_items)
+    for number, sample in enumerate(stream):
+        if number >= args.samples:
+            break
+        shown = [titles[i - 1] or original_ids[i - 1] for i in sample.items[-5:].tolist()]
+        print(f"user {users[user_index_of(sample.key)]:>10} ({len(sample.items)} items) ... " + " -> ".join(shown))

@@ -1,0 +1,151 @@
+"""Streaming training sequences from WebDataset shards.
+
+Shards are split first by rank (node split), then by DataLoader worker; every rank applies
+the same seeded shard permutation per epoch, so the parts are disjoint and together cover
+every shard exactly once. Inside a worker a seeded shuffle buffer mixes sequences.
+Sequences longer than `max_len` keep their most recent items.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, get_worker_info
+
+from seqrec.data.shards import SEQUENCE_FIELD, decode_sequence
+from seqrec.errors import ConfigError, ShardError
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    max_len: int
+    shuffle_buffer: int = 2_000
+    seed: int = 0
+    pad_multiple: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_len < 2:
+            raise ConfigError(f"max_len must be >= 2, got {self.max_len!r}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer!r}")
+        if self.pad_multiple < 1:
+            raise ConfigError(f"pad_multiple must be >= 1, got {self.pad_multiple!r}")
+
+
+@dataclass(frozen=True)
+class SequenceSample:
+    key: str
+    items: np.ndarray  # int32, oldest first, at most max_len
+
+
+@dataclass
+class SequenceBatch:
+    keys: list[str]
+    items: torch.Tensor  # int64 [batch, length], right-padded with 0
+    lengths: torch.Tensor  # int64 [batch]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "SequenceBatch":
+        return SequenceBatch(
+            self.keys, self.items.to(device, non_blocking=non_blocking), self.lengths.to(device, non_blocking=non_blocking)
+        )
+
+    def pin_memory(self) -> "SequenceBatch":
+        return SequenceBatch(self.keys, self.items.pin_memory(), self.lengths.pin_memory())
+
+
+def shards_for_rank(shards: Sequence[str | Path], rank: int, world_size: int, seed: int, epoch: int) -> list[str]:
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is outside world size {world_size}")
+    urls = [str(shard) for shard in shards]
+    random.Random(seed * 1_000_003 + epoch).shuffle(urls)
+    return urls[rank::world_size]
+
+
+def sequence_dataset(
+    shards: Sequence[str | Path],
+    options: StreamOptions,
+    num_items: int,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+) -> wds.WebDataset:
+    """An IterableDataset of SequenceSample for one rank and one epoch."""
+    dataset = wds.WebDataset(
+        shards_for_rank(shards, rank, world_size, options.seed, epoch),
+        shardshuffle=False,
+        nodesplitter=None,
+        workersplitter=wds.split_by_worker,
+        handler=_raise_shard_error,
+        # More workers than shards is legitimate: such a worker simply yields nothing.
+        empty_check=False,
+    )
+    dataset = dataset.map(partial(_decode, max_len=options.max_len, num_items=num_items))
+    if options.shuffle_buffer > 1:
+        dataset = dataset.compose(partial(_shuffle, size=options.shuffle_buffer, seed=(options.seed, epoch, rank)))
+    return dataset
+
+
+def collate(samples: Sequence[SequenceSample], pad_multiple: int = 8) -> SequenceBatch:
+    """Right-pad to the longest sequence (rounded up to `pad_multiple`), in one scatter."""
+    lengths = np.fromiter((len(sample.items) for sample in samples), dtype=np.int64, count=len(samples))
+    width = int(-(-max(int(lengths.max()), 1) // pad_multiple) * pad_multiple)
+    padded = np.zeros((len(samples), width), dtype=np.int64)
+    rows = np.repeat(np.arange(len(samples)), lengths)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    columns = np.arange(int(lengths.sum())) - starts
+    padded[rows, columns] = np.concatenate([sample.items for sample in samples])
+    return SequenceBatch([sample.key for sample in samples], torch.from_numpy(padded), torch.from_numpy(lengths))
+
+
+def sequence_loader(dataset: wds.WebDataset, options: StreamOptions, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=partial(collate, pad_multiple=options.pad_multiple),
+        pin_memory=pin_memory,
+    )
+
+
+def _decode(sample: dict, max_len: int, num_items: int) -> SequenceSample:
+    key, url = sample["__key__"], sample.get("__url__", "?")
+    where = f"{url}: sample {key}"
+    if SEQUENCE_FIELD not in sample:
+        raise ShardError(f"{where}: no {SEQUENCE_FIELD} field (fields: {sorted(k for k in sample if not k.startswith('__'))})")
+    items = decode_sequence(sample[SEQUENCE_FIELD], where)
+    if len(items) == 0:
+        raise ShardError(f"{where}: empty sequence")
+    if int(items.min()) < 1 or int(items.max()) > num_items:
+        raise ShardError(f"{where}: item id outside 1..{num_items}; shards and meta.json disagree, re-run prepare")
+    return SequenceSample(key, items[-max_len:])
+
+
+def _shuffle(source: Iterator, size: int, seed: tuple[int, int, int]) -> Iterator:
+    info = get_worker_info()
+    rng = random.Random(hash((*seed, info.id if info else 0)))
+    buffer: list = []
+    for sample in source:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(size)
+        buffer[index], sample = sample, buffer[index]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _raise_shard_error(exn: Exception) -> bool:
+    if isinstance(exn, ShardError):
+        raise exn
+    url = next((arg for arg in reversed(exn.args) if isinstance(arg, str) and arg.endswith(".tar")), "shard")
+    raise ShardError(f"{url}: corrupt or unreadable shard ({exn.args[0] if exn.args else type(exn).__name__})") from exn

@@ -1,0 +1,28 @@
+"""Errors a user can act on. The CLI prints them as one line and exits non-zero, without a traceback."""
+
+from __future__ import annotations
+
+from os import PathLike
+
+
+class SeqrecError(Exception):
+    """Base class: the message alone tells the user what is wrong and where."""
+
+
+class InputError(SeqrecError):
+    """Bad input data: names the file, the line when known, and the reason."""
+
+    def __init__(self, path: str | PathLike, reason: str, line: int | None = None):
+        self.path = str(path)
+        self.reason = reason
+        self.line = line
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {reason}")
+
+
+class ConfigError(SeqrecError):
+    """A configuration value is invalid: names the field and what is allowed."""
+
+
+class ShardError(SeqrecError):
+    """A prepared dataset or one of its shards is missing, corrupt or of the wrong version."""
