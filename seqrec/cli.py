@@ -136,7 +136,9 @@ def _run_inspect(args: argparse.Namespace) -> None:
     print(f"shards       {len(meta['shards'])} x up to {meta['options']['shard_size']:,} sequences, {counts['train_interactions']:,} training interactions")
     original_ids, titles = dataset.items()
     users = dataset.user_ids()
-    stream = sequence_dataset(dataset.shard_paths(), StreamOptions(max_len=10**9, shuffle_buffer=0), dataset.num_items)
+    stream = sequence_dataset(
+        dataset.shard_paths(), StreamOptions(max_len=10**9, shuffle_buffer=0), dataset.num_items, expected_counts=dataset.shard_counts()
+    )
     for number, sample in enumerate(stream):
         if number >= args.samples:
             break

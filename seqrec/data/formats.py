@@ -139,7 +139,9 @@ def detect_format(path: Path) -> str:
     if path.name in ("u.data", "ratings.dat") or "::" in lines[0]:
         return "movielens"
     rows = [line.split() for line in lines]
-    if all(re.match(_INTEGER, token) for row in rows for token in row):
+    # A first line of integers means no header: an integer format, classified by field counts
+    # (a bad token further down is then reported with its line by the reader, not guessed about here).
+    if all(re.match(_INTEGER, token) for token in rows[0]):
         widths = {len(row) for row in rows}
         if widths == {2}:
             return "pairs"
@@ -286,6 +288,8 @@ def _read_delimited(path: Path, fmt: str, spec: ColumnSpec) -> pa.Table:
             path,
             read_options=pacsv.ReadOptions(block_size=_BLOCK_SIZE),
             parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            # An empty id is missing, not a user or item named "".
+            convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
         )
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         line, reason = _scan_delimited(path, delimiter)

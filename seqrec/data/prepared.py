@@ -53,6 +53,10 @@ class PreparedDataset:
     def shard_paths(self) -> list[Path]:
         return [self.root / shard["name"] for shard in self.meta["shards"]]
 
+    def shard_counts(self) -> dict[str, int]:
+        """Shard path -> number of sequences, for the stream's integrity check."""
+        return {str(self.root / shard["name"]): int(shard["sequences"]) for shard in self.meta["shards"]}
+
     def eval_set(self, split: str) -> EvalSet:
         if split not in EVAL_FILES:
             raise ShardError(f"unknown evaluation split {split!r}; choose one of {sorted(EVAL_FILES)}")

@@ -9,7 +9,7 @@ Sequences longer than `max_len` keep their most recent items.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,6 +43,7 @@ class StreamOptions:
 class SequenceSample:
     key: str
     items: np.ndarray  # int32, oldest first, at most max_len
+    url: str = ""
 
 
 @dataclass
@@ -75,10 +76,16 @@ def sequence_dataset(
     rank: int = 0,
     world_size: int = 1,
     epoch: int = 0,
+    expected_counts: Mapping[str, int] | None = None,
 ) -> wds.WebDataset:
-    """An IterableDataset of SequenceSample for one rank and one epoch."""
+    """An IterableDataset of SequenceSample for one rank and one epoch.
+
+    With `expected_counts` (shard path -> sequences, from meta.json) every shard must yield
+    exactly that many samples: tar readers take a cut-off archive for a short one, silently.
+    """
+    mine = shards_for_rank(shards, rank, world_size, options.seed, epoch)
     dataset = wds.WebDataset(
-        shards_for_rank(shards, rank, world_size, options.seed, epoch),
+        mine,
         shardshuffle=False,
         nodesplitter=None,
         workersplitter=wds.split_by_worker,
@@ -87,6 +94,9 @@ def sequence_dataset(
         empty_check=False,
     )
     dataset = dataset.map(partial(_decode, max_len=options.max_len, num_items=num_items))
+    if expected_counts is not None:
+        expected = {str(url): count for url, count in expected_counts.items()}
+        dataset = dataset.compose(partial(_verify_counts, shards=mine, expected=expected))
     if options.shuffle_buffer > 1:
         dataset = dataset.compose(partial(_shuffle, size=options.shuffle_buffer, seed=(options.seed, epoch, rank)))
     return dataset
@@ -126,7 +136,21 @@ def _decode(sample: dict, max_len: int, num_items: int) -> SequenceSample:
         raise ShardError(f"{where}: empty sequence")
     if int(items.min()) < 1 or int(items.max()) > num_items:
         raise ShardError(f"{where}: item id outside 1..{num_items}; shards and meta.json disagree, re-run prepare")
-    return SequenceSample(key, items[-max_len:])
+    return SequenceSample(key, items[-max_len:], url)
+
+
+def _verify_counts(source: Iterator[SequenceSample], shards: list[str], expected: dict[str, int]) -> Iterator:
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    seen = dict.fromkeys(shards[worker::workers], 0)
+    for sample in source:
+        seen[sample.url] = seen.get(sample.url, 0) + 1
+        yield sample
+    for url, count in seen.items():
+        if url in expected and count != expected[url]:
+            raise ShardError(
+                f"{url}: yielded {count} sequences, meta.json says {expected[url]}: truncated or corrupt shard; re-run prepare --force"
+            )
 
 
 def _shuffle(source: Iterator, size: int, seed: tuple[int, int, int]) -> Iterator:

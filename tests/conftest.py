@@ -1,0 +1,51 @@
+"""Shared fixtures: the real-data rule, CLI runner, and a tiny prepared dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from seqrec.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("SEQREC_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+def require_data(relative: str) -> Path:
+    """A file of the shared real datasets: skip with the reason when absent, fail under SEQREC_REQUIRE_DATA=1."""
+    path = data_dir() / relative
+    if not path.exists():
+        reason = f"real dataset {path} not found (set SEQREC_DATA_DIR to the shared data folder)"
+        if os.environ.get("SEQREC_REQUIRE_DATA") == "1":
+            pytest.fail(reason + "; SEQREC_REQUIRE_DATA=1 makes this a failure")
+        pytest.skip(reason)
+    return path
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture
+def cli(capsys):
+    def run(*args) -> CliResult:
+        code = main([str(arg) for arg in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """The tiny synthetic preset, prepared into several shards."""
+    root = tmp_path_factory.mktemp("tiny")
+    assert main(["synth", "--preset", "tiny", "--out", str(root / "tiny.csv"), "--quiet"]) == 0
+    assert main(["prepare", str(root / "tiny.csv"), "--out", str(root / "prepared"), "--shard-size", "37", "--quiet"]) == 0
+    return root / "prepared"
