@@ -1,0 +1,48 @@
+"""What every benchmark records beside its figures: the machine, the versions, the command."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, {platform.system()} {platform.release()}"
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import pyarrow
+
+    import seqrec
+
+    found = {"python": platform.python_version(), "seqrec": seqrec.__version__, "numpy": numpy.__version__, "pyarrow": pyarrow.__version__}
+    for name in ("torch", "transformers", "deepspeed", "webdataset"):
+        module = sys.modules.get(name)
+        if module is not None:
+            found[name] = module.__version__
+    return found
+
+
+def write_results(name: str, payload: dict, table: list[tuple[str, str]]) -> Path:
+    """bench/results/<name>.json, and a markdown table of the headline figures beside it."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    lines = [f"# {name}", "", "| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in table), ""]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    return path
