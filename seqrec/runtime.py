@@ -1,0 +1,31 @@
+"""Device and precision choices, made once from the config."""
+
+from __future__ import annotations
+
+import torch
+
+from seqrec.errors import ConfigError
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {requested} requested but CUDA is not available on this machine")
+    return device
+
+
+def cpu_supports_bf16() -> bool:
+    cpu = torch.backends.cpu
+    return cpu.get_cpu_capability() in ("AVX512", "AMX") or bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the hardware runs it natively (Ampere+ GPUs, AVX-512/AMX CPUs), else fp32."""
+    if precision == "fp32":
+        return None
+    supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
+    if precision == "bf16" and not supported:
+        raise ConfigError(f"train.precision: bf16 is not supported on {device}; use fp32 or auto")
+    return torch.bfloat16 if supported else None
