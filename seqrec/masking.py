@@ -29,11 +29,16 @@ def tail_positions(items: torch.Tensor) -> torch.Tensor:
 
 
 def mask_items(items: torch.Tensor, mask_prob: float, generator: torch.Generator) -> MaskedBatch:
+    draws = torch.rand(items.shape, generator=generator, device=items.device)
+    return mask_from_draws(items, draws, mask_prob)
+
+
+def mask_from_draws(items: torch.Tensor, draws: torch.Tensor, mask_prob: float) -> MaskedBatch:
+    """The deterministic part, a single graph for torch.compile (dynamo cannot trace a Generator)."""
     present = items != 0
     tail = tail_positions(items)
     positions = torch.arange(items.shape[1], device=items.device)
     is_tail = positions.unsqueeze(0) == tail.unsqueeze(1)
-    draws = torch.rand(items.shape, generator=generator, device=items.device)
     masked = present & ((draws < mask_prob) | is_tail)
     inputs = torch.where(masked, torch.full_like(items, MASK_ITEM), items)
     labels = torch.where(masked, items, torch.full_like(items, IGNORE_LABEL))

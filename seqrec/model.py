@@ -126,18 +126,18 @@ def _load_base(config: ModelConfig, max_len: int) -> tuple[BertForMaskedLM, obje
         overrides.update(hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
     if config.pretrained is None:
         scratch = config.scratch
-        bert_config = BertConfig(
-            vocab_size=len(_SPECIAL_TOKENS),
-            hidden_size=scratch.hidden_size,
-            num_hidden_layers=scratch.num_hidden_layers,
-            num_attention_heads=scratch.num_attention_heads,
-            intermediate_size=scratch.intermediate_size,
-            hidden_dropout_prob=scratch.hidden_dropout_prob,
-            attention_probs_dropout_prob=scratch.attention_probs_dropout_prob,
-            max_position_embeddings=config.max_position_embeddings or max(max_len, 8),
-            pad_token_id=0,
-            **overrides,
-        )
+        architecture = {
+            "vocab_size": len(_SPECIAL_TOKENS),
+            "hidden_size": scratch.hidden_size,
+            "num_hidden_layers": scratch.num_hidden_layers,
+            "num_attention_heads": scratch.num_attention_heads,
+            "intermediate_size": scratch.intermediate_size,
+            "hidden_dropout_prob": scratch.hidden_dropout_prob,
+            "attention_probs_dropout_prob": scratch.attention_probs_dropout_prob,
+            "max_position_embeddings": config.max_position_embeddings or max(max_len, 8),
+            "pad_token_id": 0,
+        }
+        bert_config = BertConfig(**{**architecture, **overrides})
         mlm, tokenizer = BertForMaskedLM(bert_config), _special_tokens_tokenizer()
     else:
         directory = pretrained_directory(config.pretrained)

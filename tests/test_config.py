@@ -1,0 +1,65 @@
+"""Job config: YAML + overrides into typed dataclasses, validated with field-naming errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from seqrec.config import JobConfig, load_config
+from seqrec.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    assert isinstance(load_config(path), JobConfig)
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    config = load_config(CONFIGS / "tiny.yaml", ["train.epochs=7", "loss.mask_prob=0.2", "model.keep_layers=null", "optim.betas=[0.9, 0.95]"])
+    assert config.train.epochs == 7
+    assert config.loss.mask_prob == 0.2
+    assert config.model.keep_layers is None
+    assert config.optim.betas == (0.9, 0.95)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.mask_prob=1.5", "loss.mask_prob: must be in (0, 1), got 1.5"),
+        ("model.attention=sideways", "model.attention: must be one of bidirectional, causal, got 'sideways'"),
+        ("train.epochs=many", "train.epochs: must be int, got 'many'"),
+        ("train.epoch=3", "train.epoch: unknown field"),
+        ("eval.ks=[1, 5]", "eval.ks: must include 10"),
+        ("train.precision=fp8", "train.precision: must be one of auto, bf16, fp32"),
+        ("model.scratch.hidden_size=33", "model.scratch.hidden_size: must be a multiple of num_attention_heads"),
+        ("epochs", "must look like section.field=value"),
+    ],
+)
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIGS / "tiny.yaml", [override])
+    assert message in str(error.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+
+
+def test_launcher_reports_config_errors_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, str(CONFIGS.parent / "launcher" / "train.py"), "--config", str(CONFIGS / "tiny.yaml"), "--set", "loss.mask_prob=2"],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 2
+    assert "loss.mask_prob: must be in (0, 1)" in run.stderr and "Traceback" not in run.stderr

@@ -1,0 +1,105 @@
+"""Losses equal a naive full-vocabulary reference, while scoring only the gathered positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqrec.config import ModelConfig, ScratchBertConfig
+from seqrec.losses import causal_next_item_loss, masked_item_loss
+from seqrec.masking import IGNORE_LABEL, mask_items
+from seqrec.model import build_model
+
+NUM_ITEMS = 40
+
+
+def _model(attention="bidirectional"):
+    torch.manual_seed(0)
+    scratch = ScratchBertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model, _ = build_model(ModelConfig(pretrained=None, scratch=scratch, attention=attention), NUM_ITEMS, max_len=16)
+    return model.eval()
+
+
+def _items():
+    items = torch.randint(1, NUM_ITEMS + 1, (6, 12), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([12, 9, 5, 1, 3, 7])
+    items[torch.arange(12).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
+    return items, lengths
+
+
+def _naive_item_logits(model, inputs):
+    """The usual recipe: full MLM logits at every position, then the item columns."""
+    tokens = model.vocab.tokens(inputs)
+    logits = model.mlm(input_ids=tokens, attention_mask=(inputs != 0).long()).logits
+    assert logits.shape[-1] == model.vocab.first_item_token + NUM_ITEMS
+    return logits[..., model.vocab.item_rows]
+
+
+def test_masked_and_tail_losses_equal_naive_reference():
+    model = _model()
+    items, lengths = _items()
+    batch = mask_items(items, 0.3, torch.Generator().manual_seed(2))
+    parts = masked_item_loss(model, batch, tail_weight=0.7, masked_weight=1.3)
+    with torch.no_grad():
+        logits = _naive_item_logits(model, batch.inputs)
+    masked = batch.labels != IGNORE_LABEL
+    naive_masked = F.cross_entropy(logits[masked], batch.labels[masked] - 1)
+    naive_tail = torch.stack([F.cross_entropy(logits[b, lengths[b] - 1], items[b, lengths[b] - 1] - 1) for b in range(len(items))]).mean()
+    assert parts.masked.item() == pytest.approx(naive_masked.item(), rel=1e-5)
+    assert parts.tail.item() == pytest.approx(naive_tail.item(), rel=1e-5)
+    assert parts.total.item() == pytest.approx(0.7 * naive_tail.item() + 1.3 * naive_masked.item(), rel=1e-5)
+
+
+def test_only_masked_positions_are_scored_and_the_vocabulary_head_never_runs():
+    model = _model()
+    items, _ = _items()
+    batch = mask_items(items, 0.3, torch.Generator().manual_seed(3))
+    shapes = []
+    original = model.item_scores
+    model.item_scores = lambda hidden: (shapes.append(tuple(hidden.shape)), original(hidden))[1]
+    handle = model.mlm.cls.predictions.decoder.register_forward_hook(lambda *_: pytest.fail("full-vocabulary decoder ran"))
+    try:
+        parts = masked_item_loss(model, batch, 1.0, 1.0)
+    finally:
+        handle.remove()
+    masked_positions = int((batch.labels != IGNORE_LABEL).sum())
+    assert shapes == [(masked_positions, 32)]
+    assert parts.scored_rows == masked_positions < items.numel()
+
+
+def test_gradients_reach_item_embeddings_and_encoder():
+    model = _model().train()
+    items, _ = _items()
+    parts = masked_item_loss(model, mask_items(items, 0.3, torch.Generator().manual_seed(4)), 1.0, 1.0)
+    parts.total.backward()
+    embedding_grad = model.mlm.get_input_embeddings().weight.grad
+    assert embedding_grad[model.vocab.item_rows].abs().sum() > 0
+    assert model.mlm.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+
+
+def test_causal_loss_equals_per_position_next_item_reference():
+    model = _model("causal")
+    items, lengths = _items()
+    parts = causal_next_item_loss(model, items)
+    losses = []
+    for b in range(len(items)):
+        n = int(lengths[b])
+        if n < 2:
+            continue
+        prefix = items[b : b + 1, : n - 1]
+        with torch.no_grad():
+            logits = _naive_item_logits(model, prefix)[0]
+        losses.append(F.cross_entropy(logits, items[b, 1:n] - 1, reduction="none"))
+    reference = torch.cat(losses).mean()
+    assert parts.total.item() == pytest.approx(reference.item(), rel=1e-4)
+    assert parts.scored_rows == int((lengths - 1).clamp(min=0).sum())
+
+
+def test_causal_loss_is_finite_with_single_item_rows():
+    model = _model("causal").train()
+    items = torch.tensor([[5, 0, 0], [3, 4, 0]])
+    parts = causal_next_item_loss(model, items)
+    parts.total.backward()
+    assert torch.isfinite(parts.total)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -1,0 +1,73 @@
+"""Property tests of device-side masking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqrec.masking import IGNORE_LABEL, mask_from_draws, mask_items, mask_tail_only, tail_positions
+from seqrec.model import MASK_ITEM
+
+
+def _batch(rows=512, width=40, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    items = torch.randint(1, 1000, (rows, width), generator=generator)
+    lengths = torch.randint(1, width + 1, (rows,), generator=generator)
+    items[torch.arange(width).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
+    return items, lengths
+
+
+def test_tail_always_masked_pads_never_masked():
+    items, lengths = _batch()
+    batch = mask_items(items, 0.3, torch.Generator().manual_seed(1))
+    rows = torch.arange(len(items))
+    assert torch.equal(batch.tail, lengths - 1)
+    assert torch.all(batch.inputs[rows, lengths - 1] == MASK_ITEM)
+    assert torch.all(batch.inputs[items == 0] == 0)
+    assert torch.all(batch.labels[items == 0] == IGNORE_LABEL)
+
+
+def test_labels_are_exactly_the_replaced_items():
+    items, _ = _batch()
+    batch = mask_items(items, 0.3, torch.Generator().manual_seed(2))
+    masked = batch.inputs == MASK_ITEM
+    assert torch.equal(batch.labels[masked], items[masked])
+    assert torch.all(batch.labels[~masked] == IGNORE_LABEL)
+    assert torch.equal(batch.inputs[~masked], items[~masked])
+
+
+@pytest.mark.parametrize("mask_prob", [0.15, 0.3, 0.6])
+def test_empirical_mask_rate_of_non_tail_items(mask_prob):
+    items, lengths = _batch(rows=4096)
+    batch = mask_items(items, mask_prob, torch.Generator().manual_seed(3))
+    non_tail = (items != 0).clone()
+    non_tail[torch.arange(len(items)), lengths - 1] = False
+    rate = (batch.inputs[non_tail] == MASK_ITEM).float().mean().item()
+    count = non_tail.sum().item()
+    tolerance = 5 * (mask_prob * (1 - mask_prob) / count) ** 0.5  # five standard errors
+    assert abs(rate - mask_prob) < tolerance
+
+
+def test_deterministic_for_a_fixed_generator_and_varies_across_seeds():
+    items, _ = _batch()
+    a = mask_items(items, 0.3, torch.Generator().manual_seed(7))
+    b = mask_items(items, 0.3, torch.Generator().manual_seed(7))
+    c = mask_items(items, 0.3, torch.Generator().manual_seed(8))
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.inputs, c.inputs)
+
+
+def test_tail_only_masks_exactly_one_position_per_row():
+    items, lengths = _batch(rows=64)
+    batch = mask_tail_only(items)
+    assert torch.equal((batch.inputs == MASK_ITEM).sum(dim=1), torch.ones(64, dtype=torch.long))
+    assert torch.equal(tail_positions(items), lengths - 1)
+
+
+@pytest.mark.slow
+def test_masking_compiles_as_one_graph_and_matches_eager():
+    items, _ = _batch(rows=16, width=12)
+    draws = torch.rand(items.shape, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(mask_from_draws, fullgraph=True)
+    expected, got = mask_from_draws(items, draws, 0.3), compiled(items, draws, 0.3)
+    assert torch.equal(got.inputs, expected.inputs) and torch.equal(got.labels, expected.labels)

@@ -1,0 +1,113 @@
+"""Vocabulary extension, item-embedding initialisation, attention variants, HF round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from seqrec.config import ModelConfig, ScratchBertConfig
+from seqrec.errors import ConfigError
+from seqrec.model import MASK_ITEM, build_model
+
+TINY = ScratchBertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def _tiny(num_items=30, **overrides):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(pretrained=None, scratch=TINY, **overrides), num_items, max_len=16)
+
+
+def test_item_tokens_are_real_tokenizer_tokens_after_the_base_vocabulary():
+    model, _ = _tiny()
+    vocab = model.vocab
+    assert model.tokenizer.convert_tokens_to_ids("[item_1]") == vocab.first_item_token
+    assert model.tokenizer.convert_tokens_to_ids("[item_30]") == vocab.first_item_token + 29
+    assert model.mlm.get_input_embeddings().weight.shape[0] == vocab.first_item_token + 30
+    tokens = vocab.tokens(torch.tensor([[1, 30, MASK_ITEM, 0]]))
+    assert tokens.tolist() == [[vocab.first_item_token, vocab.first_item_token + 29, vocab.mask_token_id, vocab.pad_token_id]]
+
+
+def test_mean_init_is_base_mean_plus_small_noise():
+    model, report = _tiny(item_init="mean", item_init_noise=0.0)
+    weight = model.mlm.get_input_embeddings().weight.detach()
+    base_mean = weight[: model.vocab.first_item_token].mean(0)
+    assert torch.allclose(model.item_embeddings().detach(), base_mean.expand(30, -1))
+    assert report["counts"] == {"mean": 30, "random": 0, "text": 0}
+    noisy, _ = _tiny(item_init="mean", item_init_noise=0.02)
+    spread = (noisy.item_embeddings().detach() - base_mean).std().item()
+    assert 0.01 < spread < 0.03
+
+
+def test_random_init_uses_the_initializer_range():
+    model, report = _tiny(item_init="random")
+    assert report["counts"]["random"] == 30
+    assert model.item_embeddings().detach().std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_text_init_is_the_mean_wordpiece_embedding_of_the_title_with_fallback():
+    titles = ["toy story", "", "heat"]
+    model, report = build_model(ModelConfig(item_init="text", item_init_noise=0.0, keep_layers=1), 3, max_len=16, titles=titles)
+    assert report["counts"] == {"mean": 1, "random": 0, "text": 2}
+    assert report["items_by_rule"] == {"mean": [2], "text": [1, 3]}
+    weight = model.mlm.get_input_embeddings().weight.detach()
+    ids = model.tokenizer("toy story", add_special_tokens=False)["input_ids"]
+    assert torch.allclose(model.item_embeddings()[0].detach(), weight[ids].mean(0), atol=1e-6)
+
+
+def test_packaged_minilm_loads_offline_and_keeps_first_k_layers():
+    model, _ = build_model(ModelConfig(keep_layers=2), 10, max_len=50)
+    assert model.mlm.config.hidden_size == 384
+    assert len(model.mlm.bert.encoder.layer) == 2 == model.mlm.config.num_hidden_layers
+    assert model.vocab.first_item_token == 30522
+
+
+def test_random_weights_give_the_same_architecture_freshly_initialised():
+    pretrained, _ = build_model(ModelConfig(keep_layers=1), 5, max_len=10)
+    scratch, _ = build_model(ModelConfig(keep_layers=1, weights="random"), 5, max_len=10)
+    a = pretrained.mlm.bert.encoder.layer[0].attention.self.query.weight
+    b = scratch.mlm.bert.encoder.layer[0].attention.self.query.weight
+    assert a.shape == b.shape and not torch.allclose(a, b)
+
+
+def test_sequence_longer_than_positions_is_a_clear_error():
+    with pytest.raises(ConfigError, match="data.max_len: 600 exceeds the model's max_position_embeddings \\(512\\)"):
+        build_model(ModelConfig(keep_layers=1), 5, max_len=600)
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        build_model(ModelConfig(pretrained=None, scratch=TINY, max_position_embeddings=8), 5, max_len=16)
+    with pytest.raises(ConfigError, match="keep_layers: 9 exceeds"):
+        build_model(ModelConfig(keep_layers=9), 5, max_len=10)
+
+
+def test_missing_pretrained_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not a Hugging Face model directory"):
+        build_model(ModelConfig(pretrained=str(tmp_path)), 5, max_len=10)
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_causal_attention_hides_the_future(attention):
+    model, _ = _tiny(attention=attention)
+    model.eval()
+    a = torch.tensor([[1, 2, 3, 4, 5]])
+    b = torch.tensor([[1, 2, 3, 9, 10]])
+    with torch.no_grad():
+        same_prefix = torch.allclose(model.encode(a)[0, :3], model.encode(b)[0, :3], atol=1e-5)
+    assert same_prefix == (attention == "causal")
+
+
+def test_export_is_a_plain_hf_directory_whose_item_logits_are_the_trained_scores(tmp_path):
+    model, _ = _tiny()
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    items = torch.tensor([[3, 7, 11, MASK_ITEM]])
+    with torch.no_grad():
+        ours = model.item_scores(model.encode(items)[0, -1])
+        tokens = model.vocab.tokens(items)
+        theirs = loaded(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits[0, -1, model.vocab.item_rows]
+    assert tokenizer.convert_tokens_to_ids("[item_7]") == model.vocab.first_item_token + 6
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert F.softmax(ours, -1).shape == (30,)
