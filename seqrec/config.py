@@ -115,9 +115,12 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     log_every: int = 50
+    # Wall-clock budget: training stops at the first epoch end past it (then validates and tests).
+    time_limit_minutes: float | None = None
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
+        _check(self.time_limit_minutes is None or self.time_limit_minutes > 0, "train.time_limit_minutes", "must be > 0 or null", self.time_limit_minutes)
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null", self.max_steps)
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1", self.eval_every)

@@ -136,7 +136,12 @@ def run(config: JobConfig) -> TrainResult:
             if step >= total_steps:
                 break
         train_seconds += time.perf_counter() - epoch_started
-        if (epoch + 1) % config.train.eval_every == 0 or step >= total_steps or epoch + 1 == config.train.epochs:
+        limit = config.train.time_limit_minutes
+        out_of_time = limit is not None and time.perf_counter() - started > 60 * limit
+        if out_of_time:
+            log.info("time limit of %.1f minutes reached after epoch %d", limit, epoch)
+        finished = step >= total_steps or epoch + 1 == config.train.epochs or out_of_time
+        if (epoch + 1) % config.train.eval_every == 0 or finished:
             valid = evaluate(valid_set)
             _append(history_path, {"step": step, "epoch": epoch, "valid": valid})
             log.info("epoch %d valid HR@10 %.4f NDCG@10 %.4f (%.0f seq/s)", epoch, valid["HR@10"], valid["NDCG@10"], sequences_seen / train_seconds)
@@ -148,7 +153,7 @@ def run(config: JobConfig) -> TrainResult:
                 if stale >= config.train.patience:
                     log.info("early stop: no %s gain for %d evaluations", EARLY_STOP_METRIC, stale)
                     break
-        if step >= total_steps:
+        if finished:
             break
 
     if best_state is not None:
