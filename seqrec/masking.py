@@ -43,15 +43,3 @@ def mask_from_draws(items: torch.Tensor, draws: torch.Tensor, mask_prob: float) 
     inputs = torch.where(masked, torch.full_like(items, MASK_ITEM), items)
     labels = torch.where(masked, items, torch.full_like(items, IGNORE_LABEL))
     return MaskedBatch(inputs, labels, tail)
-
-
-def mask_tail_only(items: torch.Tensor) -> MaskedBatch:
-    """Evaluation input: the history with the mask token appended as its tail."""
-    tail = tail_positions(items)
-    positions = torch.arange(items.shape[1], device=items.device)
-    is_tail = positions.unsqueeze(0) == tail.unsqueeze(1)
-    return MaskedBatch(
-        torch.where(is_tail, torch.full_like(items, MASK_ITEM), items),
-        torch.where(is_tail, items, torch.full_like(items, IGNORE_LABEL)),
-        tail,
-    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqrec.masking import IGNORE_LABEL, mask_from_draws, mask_items, mask_tail_only, tail_positions
+from seqrec.masking import IGNORE_LABEL, mask_from_draws, mask_items
 from seqrec.model import MASK_ITEM
 
 
@@ -57,13 +57,6 @@ def test_deterministic_for_a_fixed_generator_and_varies_across_seeds():
     assert not torch.equal(a.inputs, c.inputs)
 
 
-def test_tail_only_masks_exactly_one_position_per_row():
-    items, lengths = _batch(rows=64)
-    batch = mask_tail_only(items)
-    assert torch.equal((batch.inputs == MASK_ITEM).sum(dim=1), torch.ones(64, dtype=torch.long))
-    assert torch.equal(tail_positions(items), lengths - 1)
-
-
 @pytest.mark.slow
 def test_masking_compiles_as_one_graph_and_matches_eager():
     items, _ = _batch(rows=16, width=12)
@@ -71,3 +64,17 @@ def test_masking_compiles_as_one_graph_and_matches_eager():
     compiled = torch.compile(mask_from_draws, fullgraph=True)
     expected, got = mask_from_draws(items, draws, 0.3), compiled(items, draws, 0.3)
     assert torch.equal(got.inputs, expected.inputs) and torch.equal(got.labels, expected.labels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; runs where a GPU is present")
+def test_masking_on_cuda_never_synchronises_with_the_host():
+    items, _ = _batch()
+    items = items.cuda()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch = mask_items(items, 0.3, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert batch.inputs.is_cuda and torch.all(batch.inputs[torch.arange(len(items), device="cuda"), batch.tail] == MASK_ITEM)

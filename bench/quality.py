@@ -1,0 +1,140 @@
+"""Quality benchmark: recipes side by side under the published full-ranking leave-one-out protocol.
+
+    python bench/quality.py --dataset beauty|ml-1m|PREPARED_DIR [--epochs N] [--minutes M] [--keep-layers K] [--recipes ...]
+
+Recipes, all measured here on the same prepared data:
+  default       pretrained all-MiniLM-L6-v2 (first K layers), tail + masked-item losses
+  scratch       the same architecture from random initialisation
+  causal        the same architecture, random init, causal attention, full cross-entropy at
+                every position (the SASRec+ baseline of Klenitskiy & Vasilev 2023)
+  popularity    items ranked by training frequency
+  default-text  (datasets with titles) default with item embeddings from title word pieces
+
+Writes bench/results/quality_<dataset>.json and .md. CPU budgets are far below the published
+training runs; each result records its epochs and seconds so figures are read in that light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, versions  # noqa: E402
+
+DATA_DIR = Path(os.environ.get("SEQREC_DATA_DIR", REPO.parent / "shared" / "data"))
+DATASETS = {
+    "beauty": {"source": ["beauty.txt"], "max_len": 50, "published": {"BERT4Rec": (0.0338, 0.0187), "SASRec+ (full CE)": (0.0533, 0.0327)}},
+    "ml-1m": {
+        "source": ["ml-1m.txt", "--titles", "ml-1m/movies.dat", "--item-map", "ml-1m/sas_to_original_items.txt"],
+        "max_len": 200,
+        "published": {"BERT4Rec": (0.2843, 0.1537), "SASRec+ (full CE)": (0.3152, 0.1821)},
+    },
+}
+PROTOCOL = "leave-one-out (last item test, second-to-last validation), full item set ranked, history items excluded, pessimistic ties"
+
+
+def recipes(keep_layers: int) -> dict[str, list[str]]:
+    base = [f"model.keep_layers={keep_layers}", "model.pretrained=minilm"]
+    return {
+        "default": [*base, "model.weights=pretrained"],
+        "scratch": [*base, "model.weights=random"],
+        "causal": [*base, "model.weights=random", "model.attention=causal"],
+        "default-text": [*base, "model.weights=pretrained", "model.item_init=text"],
+    }
+
+
+def prepared(dataset: str) -> tuple[Path, int, dict]:
+    if dataset in DATASETS:
+        spec = DATASETS[dataset]
+        out = REPO / "shards" / dataset
+        args = [str(DATA_DIR / part) if not part.startswith("--") else part for part in spec["source"]]
+        from seqrec.cli import main as seqrec_main
+
+        if seqrec_main(["prepare", *args, "--out", str(out), "--quiet"]) != 0:
+            raise SystemExit(f"preparing {dataset} failed")
+        return out, spec["max_len"], spec["published"]
+    return Path(dataset), 50, {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, help="beauty, ml-1m, or a prepared dataset directory")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget per trained recipe")
+    parser.add_argument("--keep-layers", type=int, default=2, help="encoder layers kept (6 = the full MiniLM)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-len", type=int, help="default: 50 for beauty, 200 for ml-1m")
+    parser.add_argument("--recipes", nargs="+", help="subset of default scratch causal popularity default-text")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override for every recipe")
+    args = parser.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from seqrec.config import load_config
+    from seqrec.data.prepared import PreparedDataset
+    from seqrec.evaluate import evaluate_popularity
+    from seqrec.train import run, train_item_counts
+
+    root, max_len, published = prepared(args.dataset)
+    max_len = args.max_len or max_len
+    data = PreparedDataset.open(root)
+    has_titles = data.meta["counts"]["items_with_title"] > 0
+    name = args.dataset if args.dataset in DATASETS else root.name
+    wanted = args.recipes or ["default", "scratch", "causal", "popularity"] + (["default-text"] if has_titles else [])
+    common = [
+        f"data.dataset={root}", f"data.max_len={max_len}", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
+        f"optim.lr={args.lr}", "optim.warmup_steps=200", "train.patience=3", "eval.batch_size=512", "train.log_every=100",
+        *( [f"train.time_limit_minutes={args.minutes}"] if args.minutes else []), *args.overrides,
+    ]
+    results = []
+    for recipe in wanted:
+        started = time.perf_counter()
+        if recipe == "popularity":
+            counts = train_item_counts(data)
+            evaluation = {split: evaluate_popularity(counts, data.eval_set(split), 512, max_len, (1, 5, 10, 20), True) for split in ("valid", "test")}
+            results.append({"recipe": recipe, **evaluation, "train_seconds": 0.0, "epochs": 0, "config": {}})
+            continue
+        config = load_config(REPO / "configs" / "demo.yaml", [*common, *recipes(args.keep_layers)[recipe], f"name=quality-{name}-{recipe}"])
+        metrics = run(config).metrics
+        results.append({
+            "recipe": recipe, "valid": metrics["valid"], "test": metrics["test"],
+            "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs_run"], "best_epoch": metrics["best_epoch"],
+            "sequences_per_s": metrics["sequences_per_s"], "wall_seconds": round(time.perf_counter() - started, 1),
+            "config": config.to_dict(),
+        })
+        _write(name, results, published, args)
+    _write(name, results, published, args)
+
+
+def _write(name: str, results: list[dict], published: dict, args: argparse.Namespace) -> None:
+    payload = {
+        "dataset": name,
+        "protocol": PROTOCOL,
+        "results": results,
+        "published_reference": {model: {"HR@10": hr, "NDCG@10": ndcg} for model, (hr, ndcg) in published.items()},
+        "machine": machine(),
+        "versions": versions(),
+        "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"quality_{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    lines = [
+        f"# Quality on {name}", "", PROTOCOL + ".", "", f"Command: `{payload['command']}`  ", f"Machine: {payload['machine']}", "",
+        "| recipe | test HR@10 | test NDCG@10 | valid NDCG@10 | epochs | train s |", "|---|---|---|---|---|---|",
+    ]
+    for row in results:
+        lines.append(f"| {row['recipe']} | {row['test']['HR@10']:.4f} | {row['test']['NDCG@10']:.4f} | {row['valid'].get('NDCG@10', float('nan')):.4f} | {row['epochs']} | {row['train_seconds']:.0f} |")
+    for model, (hr, ndcg) in published.items():
+        lines.append(f"| published {model} | {hr:.4f} | {ndcg:.4f} | | | |")
+    (RESULTS / f"quality_{name}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
