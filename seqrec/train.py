@@ -6,7 +6,6 @@ the data by rank, leaving this loop's shape unchanged.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -147,7 +146,7 @@ def run(config: JobConfig) -> TrainResult:
             log.info("epoch %d valid HR@10 %.4f NDCG@10 %.4f (%.0f seq/s)", epoch, valid["HR@10"], valid["NDCG@10"], sequences_seen / train_seconds)
             if valid[EARLY_STOP_METRIC] > best_score:
                 best_score, best_epoch, best_valid, stale = valid[EARLY_STOP_METRIC], epoch, valid, 0
-                best_state = copy.deepcopy({key: value.detach().to("cpu") for key, value in model.state_dict().items()})
+                best_state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
             else:
                 stale += 1
                 if stale >= config.train.patience:
