@@ -77,10 +77,9 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from seqrec.config import load_config
+    from seqrec.config import EvalConfig, load_config
     from seqrec.data.prepared import PreparedDataset
-    from seqrec.evaluate import evaluate_popularity
-    from seqrec.train import run, train_item_counts
+    from seqrec.train import popularity_baseline, run
 
     root, max_len, published = prepared(args.dataset)
     max_len = args.max_len or max_len
@@ -97,8 +96,7 @@ def main() -> None:
     for recipe in wanted:
         started = time.perf_counter()
         if recipe == "popularity":
-            counts = train_item_counts(data)
-            evaluation = {split: evaluate_popularity(counts, data.eval_set(split), 512, max_len, (1, 5, 10, 20), True) for split in ("valid", "test")}
+            evaluation = popularity_baseline(data, max_len, EvalConfig(batch_size=512))
             results.append({"recipe": recipe, **evaluation, "train_seconds": 0.0, "epochs": 0, "config": {}})
             continue
         config = load_config(REPO / "configs" / "demo.yaml", [*common, *recipes(args.keep_layers)[recipe], f"name=quality-{name}-{recipe}"])

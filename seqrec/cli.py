@@ -135,7 +135,7 @@ def default_output(source: Path) -> Path:
 def _run_inspect(args: argparse.Namespace) -> None:
     from seqrec.data.prepared import PreparedDataset
     from seqrec.data.shards import user_index_of
-    from seqrec.data.stream import StreamOptions, sequence_dataset
+    from seqrec.data.stream import StreamOptions
 
     dataset = PreparedDataset.open(args.dataset)
     meta, counts = dataset.meta, dataset.meta["counts"]
@@ -148,10 +148,7 @@ def _run_inspect(args: argparse.Namespace) -> None:
     print(f"shards       {len(meta['shards'])} x up to {meta['options']['shard_size']:,} sequences, {counts['train_interactions']:,} training interactions")
     original_ids, titles = dataset.items()
     users = dataset.user_ids()
-    stream = sequence_dataset(
-        dataset.shard_paths(), StreamOptions(max_len=10**9, shuffle_buffer=0), dataset.num_items, expected_counts=dataset.shard_counts()
-    )
-    for number, sample in enumerate(stream):
+    for number, sample in enumerate(dataset.sequences(StreamOptions(max_len=10**9, shuffle_buffer=0))):
         if number >= args.samples:
             break
         shown = [titles[i - 1] or original_ids[i - 1] for i in sample.items[-5:].tolist()]

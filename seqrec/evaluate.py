@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from seqrec.data.sequences import gather_prefixes, right_pad
 from seqrec.data.split import EvalSet
 from seqrec.masking import tail_positions
 from seqrec.model import MASK_ITEM, SeqRecModel
@@ -41,11 +42,8 @@ def _recent_items(eval_set: EvalSet, rows: np.ndarray, keep: int | None, extra: 
     lengths = ends - eval_set.offsets[rows]
     if keep is not None:
         lengths = np.minimum(lengths, keep)
-    items = np.zeros((len(rows), int(lengths.max()) + extra), dtype=np.int64)
-    row_of = np.repeat(np.arange(len(rows)), lengths)
-    column = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    items[row_of, column] = eval_set.history[np.repeat(ends - lengths, lengths) + column]
-    return items, lengths
+    _, recent = gather_prefixes(ends - lengths, eval_set.history, np.arange(len(rows)), lengths)
+    return right_pad(recent, lengths, int(lengths.max()) + extra), lengths
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:

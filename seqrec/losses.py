@@ -53,4 +53,4 @@ def causal_next_item_loss(model: SeqRecModel, items: torch.Tensor) -> LossParts:
     hidden = model.encode(inputs)
     logits = model.item_scores(hidden[valid]).float()
     loss = F.cross_entropy(logits, targets[valid] - 1)
-    return LossParts(loss, loss, loss, logits.shape[0])
+    return LossParts(loss, loss.detach(), loss.detach(), logits.shape[0])

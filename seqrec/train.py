@@ -18,9 +18,9 @@ import torch
 import yaml
 
 from seqrec.atomic import atomic_file
-from seqrec.config import JobConfig
+from seqrec.config import EvalConfig, JobConfig
 from seqrec.data.prepared import PreparedDataset
-from seqrec.data.stream import StreamOptions, sequence_dataset, sequence_loader
+from seqrec.data.stream import StreamOptions, sequence_loader
 from seqrec.evaluate import evaluate_model, evaluate_popularity, format_table
 from seqrec.losses import LossParts, causal_next_item_loss, masked_item_loss
 from seqrec.masking import mask_items
@@ -71,10 +71,18 @@ class _Stepper:
 def train_item_counts(data: PreparedDataset) -> np.ndarray:
     """Interactions per item in the training shards (index 0 = padding), for the popularity baseline."""
     counts = np.zeros(data.num_items + 1, dtype=np.int64)
-    stream = sequence_dataset(data.shard_paths(), StreamOptions(max_len=10**9, shuffle_buffer=0), data.num_items, expected_counts=data.shard_counts())
-    for sample in stream:
+    for sample in data.sequences(StreamOptions(max_len=10**9, shuffle_buffer=0)):
         counts += np.bincount(sample.items, minlength=len(counts))
     return counts
+
+
+def popularity_baseline(data: PreparedDataset, max_len: int, config: EvalConfig) -> dict[str, dict[str, float]]:
+    """Most-popular metrics on the validation and test splits, under the same protocol as the model."""
+    counts = train_item_counts(data)
+    return {
+        split: evaluate_popularity(counts, data.eval_set(split), config.batch_size, max_len, config.ks, config.exclude_history)
+        for split in ("valid", "test")
+    }
 
 
 def run(config: JobConfig) -> TrainResult:
@@ -118,7 +126,7 @@ def run(config: JobConfig) -> TrainResult:
     for epoch in range(config.train.epochs):
         epochs_run = epoch + 1
         epoch_started = time.perf_counter()
-        stream = sequence_dataset(data.shard_paths(), stream_options, data.num_items, epoch=epoch, expected_counts=data.shard_counts())
+        stream = data.sequences(stream_options, epoch=epoch)
         loader = sequence_loader(stream, stream_options, config.train.batch_size, config.data.num_workers, pin_memory=device.type == "cuda")
         for batch in loader:
             items = batch.items.to(device, non_blocking=True)
@@ -158,11 +166,7 @@ def run(config: JobConfig) -> TrainResult:
     if best_state is not None:
         model.load_state_dict(best_state)
     test = evaluate(test_set)
-    counts = train_item_counts(data)
-    popularity = {
-        split: evaluate_popularity(counts, eval_set, config.eval.batch_size, config.data.max_len, config.eval.ks, config.eval.exclude_history)
-        for split, eval_set in (("valid", valid_set), ("test", test_set))
-    }
+    popularity = popularity_baseline(data, config.data.max_len, config.eval)
     model.save_pretrained(run_dir / "model")
     metrics = {
         "name": config.name,

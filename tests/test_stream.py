@@ -30,7 +30,7 @@ def _all_keys(dataset: PreparedDataset) -> list[str]:
 def _epoch_keys(root, rank, world_size, num_workers, epoch, result_file):
     dataset = PreparedDataset.open(root)
     options = StreamOptions(max_len=16, shuffle_buffer=50, seed=3)
-    stream = sequence_dataset(dataset.shard_paths(), options, dataset.num_items, rank, world_size, epoch, dataset.shard_counts())
+    stream = dataset.sequences(options, rank, world_size, epoch)
     keys = [key for batch in sequence_loader(stream, options, batch_size=8, num_workers=num_workers) for key in batch.keys]
     with open(result_file, "w") as handle:
         json.dump(keys, handle)

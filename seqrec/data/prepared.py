@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import webdataset as wds
 
 from seqrec.data.split import EvalSet
+from seqrec.data.stream import StreamOptions, sequence_dataset
 from seqrec.errors import ShardError
 
 FORMAT_VERSION = 1
@@ -56,6 +58,10 @@ class PreparedDataset:
     def shard_counts(self) -> dict[str, int]:
         """Shard path -> number of sequences, for the stream's integrity check."""
         return {str(self.root / shard["name"]): int(shard["sequences"]) for shard in self.meta["shards"]}
+
+    def sequences(self, options: StreamOptions, rank: int = 0, world_size: int = 1, epoch: int = 0) -> wds.WebDataset:
+        """The training sequences of one rank and epoch, each shard checked against its recorded count."""
+        return sequence_dataset(self.shard_paths(), options, self.num_items, rank, world_size, epoch, self.shard_counts())
 
     def eval_set(self, split: str) -> EvalSet:
         if split not in EVAL_FILES:

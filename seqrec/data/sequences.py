@@ -130,3 +130,13 @@ def gather_prefixes(offsets: np.ndarray, items: np.ndarray, rows: np.ndarray, le
     np.cumsum(lengths, out=new_offsets[1:])
     shift = np.repeat(offsets[rows] - new_offsets[:-1], lengths)
     return new_offsets, items[np.arange(new_offsets[-1], dtype=np.int64) + shift]
+
+
+def right_pad(flat: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """Rows of `lengths[k]` consecutive values of `flat`, left-aligned in a zero-padded [rows, width] int64 matrix."""
+    lengths = lengths.astype(np.int64, copy=False)
+    padded = np.zeros((len(lengths), width), dtype=np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    columns = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    padded[rows, columns] = flat
+    return padded

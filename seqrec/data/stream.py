@@ -19,6 +19,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
+from seqrec.data.sequences import right_pad
 from seqrec.data.shards import SEQUENCE_FIELD, decode_sequence
 from seqrec.errors import ConfigError, ShardError
 
@@ -114,11 +115,7 @@ def collate(samples: Sequence[SequenceSample], pad_multiple: int = 8, max_len: i
     width = int(-(-max(int(lengths.max()), 1) // pad_multiple) * pad_multiple)
     if max_len is not None:
         width = max(min(width, max_len), int(lengths.max()))
-    padded = np.zeros((len(samples), width), dtype=np.int64)
-    rows = np.repeat(np.arange(len(samples)), lengths)
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    columns = np.arange(int(lengths.sum())) - starts
-    padded[rows, columns] = np.concatenate([sample.items for sample in samples])
+    padded = right_pad(np.concatenate([sample.items for sample in samples]), lengths, width)
     return SequenceBatch([sample.key for sample in samples], torch.from_numpy(padded), torch.from_numpy(lengths))
 
 
