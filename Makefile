@@ -6,9 +6,10 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.seqrec-installed
 DEMO := shards/synthetic-demo
+TINY := shards/synthetic-tiny
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench-prepare clean
+.PHONY: install demo tiny test bench-prepare clean
 
 install: $(STAMP)
 
@@ -24,9 +25,15 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m seqrec synth --preset demo --out $(DEMO).csv
-	$(PY) -m seqrec prepare $(DEMO).csv --out $(DEMO)
+	# Small shards, so every rank of a multi-process run streams several.
+	$(PY) -m seqrec prepare $(DEMO).csv --out $(DEMO) --shard-size 500
 	$(PY) -m seqrec inspect $(DEMO)
 	$(PY) launcher/train.py --config configs/demo.yaml
+
+# The seconds-long dataset of configs/tiny.yaml (smoke runs, e.g. under deepspeed or SLURM).
+tiny: $(STAMP)
+	$(PY) -m seqrec synth --preset tiny --out $(TINY).csv
+	$(PY) -m seqrec prepare $(TINY).csv --out $(TINY) --shard-size 50
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

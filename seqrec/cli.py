@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model from a job config (also: launcher/train.py)")
     train.add_argument("--config", type=Path, help="YAML job config (configs/*.yaml)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.epochs=3")
+    train.add_argument("--resume", default="never", metavar="auto|never|DIR",
+                       help="auto: continue from the newest complete checkpoint of the run, if any; or a checkpoint directory")
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment instead.
+    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     train.set_defaults(run=_run_train)
 
     for command in (synth, prepare, inspect, train):
@@ -124,7 +128,7 @@ def _run_train(args: argparse.Namespace) -> None:
     from seqrec.config import load_config
     from seqrec.train import run
 
-    run(load_config(args.config, args.overrides))
+    run(load_config(args.config, args.overrides), resume=args.resume)
 
 
 def default_output(source: Path) -> Path:

@@ -25,9 +25,13 @@ class DataConfig:
     shuffle_buffer: int = 2000
     num_workers: int = 1
     pad_multiple: int = 8
+    # Sequences longer than max_len: `recent` keeps the most recent max_len items; `windows`
+    # cuts the whole sequence into consecutive max_len windows (newest first), each a sample.
+    long_sequences: str = "recent"
 
     def validate(self) -> None:
         _check(self.max_len >= 3, "data.max_len", "must be >= 3", self.max_len)
+        _choice(self.long_sequences, "data.long_sequences", ("recent", "windows"))
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0", self.shuffle_buffer)
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
         _check(self.pad_multiple >= 1, "data.pad_multiple", "must be >= 1", self.pad_multiple)
@@ -107,7 +111,10 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
+    # Sequences per optimiser step over all ranks: micro_batch_size x accumulation x world size.
     batch_size: int = 128
+    # Per rank and forward pass; null = batch_size / world size (no accumulation).
+    micro_batch_size: int | None = None
     max_steps: int | None = None
     eval_every: int = 1
     patience: int = 5
@@ -117,8 +124,14 @@ class TrainConfig:
     log_every: int = 50
     # Wall-clock budget: training stops at the first epoch end past it (then validates and tests).
     time_limit_minutes: float | None = None
+    # DeepSpeed checkpoints under <run_dir>/checkpoints every N optimiser steps (0 = only at the end).
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
 
     def validate(self) -> None:
+        _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1 or null", self.micro_batch_size)
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = only at the end)", self.checkpoint_every)
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1", self.keep_checkpoints)
         _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
         _check(self.time_limit_minutes is None or self.time_limit_minutes > 0, "train.time_limit_minutes", "must be > 0 or null", self.time_limit_minutes)
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
@@ -128,6 +141,21 @@ class TrainConfig:
         _choice(self.precision, "train.precision", ("auto", "bf16", "fp32"))
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "train.device", "must be auto, cpu, cuda or cuda:N", self.device)
         _check(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
+
+
+@dataclass
+class DistributedConfig:
+    # DeepSpeed JSON (ZeRO stage, communication, offload); merged with this job's batch sizes,
+    # optimiser, clipping and precision, which stay the single source of truth.
+    deepspeed_config: str | None = "configs/deepspeed/zero0.json"
+    # Overrides the JSON's zero_optimization.stage when set.
+    zero_stage: int | None = None
+    # A rank stuck in a collective this long fails instead of hanging.
+    timeout_minutes: float = 10.0
+
+    def validate(self) -> None:
+        _check(self.zero_stage is None or self.zero_stage in (0, 1, 2, 3), "distributed.zero_stage", "must be 0, 1, 2, 3 or null", self.zero_stage)
+        _check(self.timeout_minutes > 0, "distributed.timeout_minutes", "must be > 0", self.timeout_minutes)
 
 
 @dataclass
@@ -152,10 +180,11 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> "JobConfig":
         _check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'", self.name)
-        for part in (self.data, self.model, self.loss, self.optim, self.train, self.eval):
+        for part in (self.data, self.model, self.loss, self.optim, self.train, self.eval, self.distributed):
             part.validate()
         return self
 

@@ -86,9 +86,8 @@ def rank_all(scorer: Scorer, eval_set: EvalSet, batch_size: int, max_len: int, a
 def model_scorer(model: SeqRecModel, autocast_dtype: torch.dtype | None) -> Scorer:
     def score(items: torch.Tensor) -> torch.Tensor:
         with torch.autocast(items.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            hidden = model.encode(items)
             rows = torch.arange(items.shape[0], device=items.device)
-            return model.item_scores(hidden[rows, tail_positions(items)]).float()
+            return model(items, rows * items.shape[1] + tail_positions(items)).float()
 
     return score
 

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from seqrec.masking import IGNORE_LABEL, MaskedBatch, tail_positions
+from torch import nn
+
+from seqrec.masking import IGNORE_LABEL, MaskedBatch, mask_from_draws, tail_positions
 from seqrec.model import SeqRecModel
 
 
@@ -23,24 +25,60 @@ class LossParts:
     scored_rows: int  # rows of the logits matrix that was built (its width is num_items)
 
 
-def masked_item_loss(model: SeqRecModel, batch: MaskedBatch, tail_weight: float, masked_weight: float) -> LossParts:
-    hidden = model.encode(batch.inputs)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    tail_hidden = hidden[rows, batch.tail]
-    tail_labels = batch.labels[rows, batch.tail]
+@dataclass
+class LossSums:
+    """Per-rank pieces, so the caller can normalise the masked term by the GLOBAL count of masked
+    positions: averaging per-rank means would weight a rank's positions by its own count."""
+
+    tail_mean: torch.Tensor  # every rank has the same number of tails (its micro-batch)
+    masked_sum: torch.Tensor
+    masked_count: torch.Tensor
+    scored_rows: int
+
+    def combine(self, tail_weight: float, masked_weight: float, masked_count_all_ranks: torch.Tensor | None = None, world_size: int = 1) -> LossParts:
+        """With the all-rank count, `masked` is scaled so that gradient averaging over ranks yields
+        the mean over every masked position of the global batch."""
+        if masked_count_all_ranks is None:
+            masked = self.masked_sum / self.masked_count
+        else:
+            masked = self.masked_sum * world_size / masked_count_all_ranks
+        return LossParts(tail_weight * self.tail_mean + masked_weight * masked, self.tail_mean.detach(), masked.detach(), self.scored_rows)
+
+
+class MaskedItemObjective(nn.Module):
+    """The training forward pass as one module (what an engine wraps): mask, encode, score, CE."""
+
+    def __init__(self, model: SeqRecModel, mask_prob: float):
+        super().__init__()
+        self.model = model
+        self.mask_prob = mask_prob
+
+    def forward(self, items: torch.Tensor, draws: torch.Tensor) -> LossSums:
+        if self.model.causal:
+            return causal_loss_sums(self.model, items)
+        return masked_loss_sums(self.model, mask_from_draws(items, draws, self.mask_prob))
+
+
+def masked_loss_sums(model: SeqRecModel, batch: MaskedBatch) -> LossSums:
+    batch_size, length = batch.inputs.shape
+    rows = torch.arange(batch_size, device=batch.inputs.device)
     others = batch.labels != IGNORE_LABEL
     others[rows, batch.tail] = False
-    gathered = torch.cat([tail_hidden, hidden[others]])
-    labels = torch.cat([tail_labels, batch.labels[others]]) - 1
-    logits = model.item_scores(gathered).float()
+    positions = torch.cat([rows * length + batch.tail, torch.nonzero(others.flatten()).flatten()])
+    labels = batch.labels.flatten()[positions] - 1
+    logits = model(batch.inputs, positions).float()
     losses = F.cross_entropy(logits, labels, reduction="none")
-    tail = losses[: len(rows)].mean()
-    masked = losses.mean()
-    return LossParts(tail_weight * tail + masked_weight * masked, tail.detach(), masked.detach(), logits.shape[0])
+    count = torch.tensor(float(len(labels)), device=losses.device)
+    return LossSums(losses[:batch_size].mean(), losses.sum(), count, logits.shape[0])
 
 
-def causal_next_item_loss(model: SeqRecModel, items: torch.Tensor) -> LossParts:
-    """SASRec-style baseline: every position predicts the item after it, full cross-entropy."""
+def masked_item_loss(model: SeqRecModel, batch: MaskedBatch, tail_weight: float, masked_weight: float) -> LossParts:
+    return masked_loss_sums(model, batch).combine(tail_weight, masked_weight)
+
+
+def causal_loss_sums(model: SeqRecModel, items: torch.Tensor) -> LossSums:
+    """SASRec-style baseline: every position predicts the item after it, full cross-entropy.
+    All of it is reported as the `masked` term (positions vary per row); `tail` mirrors it."""
     targets = torch.roll(items, -1, dims=1)
     targets[:, -1] = 0
     # The tail has no next item, so it is dropped from the input, except in one-item rows:
@@ -50,7 +88,13 @@ def causal_next_item_loss(model: SeqRecModel, items: torch.Tensor) -> LossParts:
     inputs = items.clone()
     inputs[rows, tail] = torch.where(tail > 0, torch.zeros_like(tail), items[rows, tail])
     valid = (inputs != 0) & (targets != 0)
-    hidden = model.encode(inputs)
-    logits = model.item_scores(hidden[valid]).float()
-    loss = F.cross_entropy(logits, targets[valid] - 1)
-    return LossParts(loss, loss.detach(), loss.detach(), logits.shape[0])
+    positions = torch.nonzero(valid.flatten()).flatten()
+    logits = model(inputs, positions).float()
+    losses = F.cross_entropy(logits, targets.flatten()[positions] - 1, reduction="none")
+    count = torch.tensor(float(len(positions)), device=losses.device)
+    return LossSums(torch.zeros((), device=losses.device), losses.sum(), count, logits.shape[0])
+
+
+def causal_next_item_loss(model: SeqRecModel, items: torch.Tensor) -> LossParts:
+    parts = causal_loss_sums(model, items).combine(0.0, 1.0)
+    return LossParts(parts.total, parts.masked, parts.masked, parts.scored_rows)

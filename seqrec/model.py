@@ -65,6 +65,19 @@ class SeqRecModel(nn.Module):
         output = self.mlm.bert(input_ids=self.vocab.tokens(items), attention_mask=(items != 0).long(), use_cache=False)
         return output.last_hidden_state
 
+    def forward(self, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Full-catalogue scores [M, num_items] at `positions`, flat indices into the [B, L] batch.
+
+        Training and evaluation both come through here, so engines that act at module boundaries
+        (ZeRO-3 gathers parameters in forward hooks) see every parameter use.
+        """
+        hidden = self.encode(items)
+        return self.item_scores(hidden.reshape(-1, hidden.shape[-1])[positions])
+
+    def scoring_parameters(self) -> list[nn.Parameter]:
+        """Parameters used in forward outside the submodule that owns them (ZeRO-3 must be told)."""
+        return [self.mlm.get_input_embeddings().weight, self.mlm.cls.predictions.bias]
+
     def item_embeddings(self) -> torch.Tensor:
         return self.mlm.get_input_embeddings().weight[self.vocab.item_rows]
 
@@ -74,10 +87,13 @@ class SeqRecModel(nn.Module):
         transformed = head.transform(hidden)
         return F.linear(transformed, self.item_embeddings(), head.bias[self.vocab.item_rows])
 
-    def save_pretrained(self, directory: Path) -> None:
+    def save_pretrained(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """A plain HF directory; `state_dict` (keys as in this module's state_dict) replaces the
+        live weights, e.g. consolidated ZeRO-3 weights whose live parameters are partitioned."""
         directory = Path(directory)
+        mlm_state = None if state_dict is None else {key.removeprefix("mlm."): value for key, value in state_dict.items()}
         with _quiet_transformers():
-            self.mlm.save_pretrained(directory)
+            self.mlm.save_pretrained(directory, state_dict=mlm_state)
             self.tokenizer.save_pretrained(directory)
         (directory / ITEMS_META_FILE).write_text(json.dumps({
             "num_items": self.vocab.num_items,

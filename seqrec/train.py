@@ -1,7 +1,10 @@
-"""The training loop: stream shards, mask on the device, step, validate, stop early, test.
+"""The training loop: stream each rank's shards, mask on the device, step the DeepSpeed engine,
+checkpoint, validate, stop early, test.
 
-One process here; the distributed issue puts a DeepSpeed engine under `_Stepper` and shards
-the data by rank, leaving this loop's shape unchanged.
+The same loop runs as one plain process or as one rank of many (deepspeed, torchrun, srun).
+Every rank takes the same number of optimiser steps per epoch: before each step the ranks agree
+(over a CPU group) that all of them still have a full step of micro-batches; the first rank to
+run dry ends the epoch for all, and the surplus of the others is reported, not silently trained on.
 """
 
 from __future__ import annotations
@@ -9,28 +12,34 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
+from safetensors.torch import load_file, save_file
 
+from seqrec import checkpoint, distributed
 from seqrec.atomic import atomic_file
 from seqrec.config import EvalConfig, JobConfig
 from seqrec.data.prepared import PreparedDataset
-from seqrec.data.stream import StreamOptions, sequence_loader
+from seqrec.data.stream import StreamOptions, batches_per_rank, sequence_loader
+from seqrec.distributed import DistInfo
+from seqrec.errors import ConfigError
+from seqrec.engine import BatchPlan, TrainingEngine, plan_batches
 from seqrec.evaluate import evaluate_model, evaluate_popularity, format_table
-from seqrec.losses import LossParts, causal_next_item_loss, masked_item_loss
-from seqrec.masking import mask_items
-from seqrec.model import SeqRecModel, build_model
-from seqrec.optim import build_optimizer, build_scheduler
+from seqrec.losses import LossParts, MaskedItemObjective
+from seqrec.model import build_model
 from seqrec.runtime import autocast_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 
 EARLY_STOP_METRIC = "NDCG@10"
+BEST_WEIGHTS = "best_weights.safetensors"
 
 
 @dataclass
@@ -39,33 +48,22 @@ class TrainResult:
     metrics: dict
 
 
-def compute_loss(model: SeqRecModel, items: torch.Tensor, config: JobConfig, generator: torch.Generator) -> LossParts:
-    if model.causal:
-        return causal_next_item_loss(model, items)
-    batch = mask_items(items, config.loss.mask_prob, generator)
-    return masked_item_loss(model, batch, config.loss.tail_weight, config.loss.masked_weight)
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every checkpoint, so a resumed run picks up exactly here."""
 
-
-class _Stepper:
-    """Backward, clip, optimiser and schedule step."""
-
-    def __init__(self, model: SeqRecModel, config: JobConfig, total_steps: int):
-        self.model = model
-        self.optimizer = build_optimizer(model, config.optim)
-        self.scheduler = build_scheduler(self.optimizer, config.optim, total_steps)
-        self.grad_clip = config.optim.grad_clip
-
-    def step(self, loss: torch.Tensor) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf)
-        self.optimizer.step()
-        self.scheduler.step()
-        return float(norm)
-
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+    step: int = 0
+    epoch: int = 0
+    micro_batches_in_epoch: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    best_step: int = 0
+    best_valid: dict = field(default_factory=dict)
+    stale: int = 0
+    sequences_seen: int = 0
+    train_seconds: float = 0.0
+    world_size: int = 1
+    global_batch: int = 0
 
 
 def train_item_counts(data: PreparedDataset) -> np.ndarray:
@@ -85,112 +83,279 @@ def popularity_baseline(data: PreparedDataset, max_len: int, config: EvalConfig)
     }
 
 
-def run(config: JobConfig) -> TrainResult:
-    started = time.perf_counter()
-    run_dir = config.run_path
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    torch.manual_seed(config.train.seed)
+def optimizer_step(engine: TrainingEngine, items: list[torch.Tensor], draws: list[torch.Tensor], loss_weights: tuple[float, float], world_size: int) -> LossParts:
+    """One optimiser step over this rank's micro-batches (the engine accumulates, then steps);
+    returns the mean loss parts. The masked term is normalised by the masked-position count of
+    all ranks, so N ranks x micro-batch b train exactly like one process with batch N x b."""
+    totals = None
+    for batch, batch_draws in zip(items, draws):
+        sums = engine.forward(batch, batch_draws)
+        masked_count = sums.masked_count.detach().clone()
+        dist.all_reduce(masked_count)
+        parts = sums.combine(*loss_weights, masked_count, world_size)
+        engine.backward_and_step(parts.total)
+        detached = (parts.total.detach(), parts.tail, parts.masked)
+        totals = detached if totals is None else tuple(a + b for a, b in zip(totals, detached))
+    return LossParts(*(value / len(items) for value in totals), 0)
+
+
+def run(config: JobConfig, resume: str | None = None) -> TrainResult:
+    """Train (or resume) one job on this process's rank; joins the process group the launcher made."""
     device = resolve_device(config.train.device)
-    amp = autocast_dtype(config.train.precision, device)
+    info = distributed.init(device.type, config.distributed.timeout_minutes)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    if not info.is_main:
+        logging.getLogger("seqrec").setLevel(logging.WARNING)
+    return _Trainer(config, info, device).run(resume)
 
-    data = PreparedDataset.open(config.data.dataset)
-    titles = data.items()[1] if config.model.item_init == "text" else None
-    model, init_report = build_model(config.model, data.num_items, config.data.max_len, titles)
-    model.to(device)
-    (run_dir / "item_init.json").write_text(json.dumps(init_report) + "\n")
 
-    steps_per_epoch = math.ceil(data.num_train_sequences / config.train.batch_size)
-    total_steps = config.train.epochs * steps_per_epoch
-    if config.train.max_steps is not None:
-        total_steps = min(total_steps, config.train.max_steps)
-    stepper = _Stepper(model, config, total_steps)
-    generator = torch.Generator(device=device).manual_seed(config.train.seed)
-    stream_options = StreamOptions(config.data.max_len, config.data.shuffle_buffer, config.train.seed, config.data.pad_multiple)
-    valid_set, test_set = data.eval_set("valid"), data.eval_set("test")
-    evaluate = lambda eval_set: evaluate_model(  # noqa: E731
-        model, eval_set, config.eval.batch_size, config.data.max_len, config.eval.ks, config.eval.exclude_history, device, amp
-    )
-    log.info(
-        "training %s on %s: %d items, %d sequences, %d steps/epoch, device %s, %s",
-        config.name, data.root, data.num_items, data.num_train_sequences, steps_per_epoch, device, amp or "fp32",
-    )
+class _Trainer:
+    def __init__(self, config: JobConfig, info: DistInfo, device: torch.device):
+        self.config, self.info, self.device = config, info, device
+        self.run_dir = config.run_path
+        self.checkpoints = self.run_dir / "checkpoints"
+        self.amp = autocast_dtype(config.train.precision, device)
+        self.plan: BatchPlan = plan_batches(config, info.world_size)
+        self.data = PreparedDataset.open(config.data.dataset)
+        self.stream_options = StreamOptions(
+            config.data.max_len, config.data.shuffle_buffer, config.train.seed, config.data.pad_multiple,
+            windows=config.data.long_sequences == "windows",
+        )
 
-    history_path = run_dir / "metrics.jsonl"
-    history_path.write_text("")
-    step, best_score, best_epoch, best_state, stale = 0, -math.inf, -1, None, 0
-    best_valid: dict = {}
-    sequences_seen, train_seconds = 0, 0.0
-    epochs_run = 0
-    model.train()
-    for epoch in range(config.train.epochs):
-        epochs_run = epoch + 1
-        epoch_started = time.perf_counter()
-        stream = data.sequences(stream_options, epoch=epoch)
-        loader = sequence_loader(stream, stream_options, config.train.batch_size, config.data.num_workers, pin_memory=device.type == "cuda")
-        for batch in loader:
-            items = batch.items.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                parts = compute_loss(model, items, config, generator)
-            grad_norm = stepper.step(parts.total)
-            step += 1
-            sequences_seen += items.shape[0]
-            if step % config.train.log_every == 0 or step == 1:
-                row = {"step": step, "epoch": epoch, "loss": parts.total.item(), "loss_tail": parts.tail.item(),
-                       "loss_masked": parts.masked.item(), "lr": stepper.lr, "grad_norm": grad_norm}
-                _append(history_path, row)
-                log.info("step %d epoch %d loss %.4f (tail %.4f masked %.4f) lr %.2e", step, epoch, row["loss"], row["loss_tail"], row["loss_masked"], row["lr"])
-            if step >= total_steps:
+    # ---- setup -------------------------------------------------------------------------------
+
+    def _steps_per_epoch(self, epoch: int, sample_counts: dict[str, int]) -> int:
+        per_rank = [
+            batches_per_rank(sample_counts, self.stream_options, rank, self.info.world_size, epoch, self.plan.micro_batch, self.config.data.num_workers)
+            for rank in range(self.info.world_size)
+        ]
+        return min(per_rank) // self.plan.accumulation
+
+    def _sample_counts(self) -> dict[str, int]:
+        if not self.stream_options.windows:
+            return self.data.shard_counts()
+        counts: dict[str, int] = {}
+        options = StreamOptions(self.config.data.max_len, shuffle_buffer=0, windows=True)
+        for sample in self.data.sequences(options):
+            counts[sample.url] = counts.get(sample.url, 0) + 1
+        return {url: counts.get(url, 0) for url in self.data.shard_counts()}
+
+    def _setup(self) -> None:
+        config, info = self.config, self.info
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        torch.manual_seed(config.train.seed)
+        titles = self.data.items()[1] if config.model.item_init == "text" else None
+        model, self.init_report = build_model(config.model, self.data.num_items, config.data.max_len, titles)
+        model.to(self.device)
+        if info.is_main:
+            (self.run_dir / "item_init.json").write_text(json.dumps(self.init_report) + "\n")
+
+        sample_counts = self._sample_counts()
+        self.epoch_steps = [self._steps_per_epoch(epoch, sample_counts) for epoch in range(config.train.epochs)]
+        if self.epoch_steps[0] == 0:
+            raise ConfigError(
+                f"data.dataset: {self.data.root} has {len(self.data.shard_paths())} shard(s) for {info.world_size} process(es) with "
+                f"{config.data.num_workers} worker(s) each and micro-batches of {self.plan.micro_batch} x {self.plan.accumulation}: "
+                "some rank gets no full step; re-run prepare with a smaller --shard-size or use fewer processes"
+            )
+        total = sum(self.epoch_steps)
+        self.total_steps = min(total, config.train.max_steps) if config.train.max_steps else total
+        self.objective = MaskedItemObjective(model, config.loss.mask_prob)
+        self.engine = TrainingEngine(self.objective, config, self.plan, self.total_steps, self.amp)
+        self.model = self.engine.model
+        self.generator = torch.Generator(device=self.device).manual_seed(config.train.seed * 1_000_003 + info.rank)
+        self.loss_weights = (0.0, 1.0) if model.causal else (config.loss.tail_weight, config.loss.masked_weight)
+        log.info(
+            "training %s on %s: %d items, %d sequences; %d process(es) (%s, %s), ZeRO-%d, micro-batch %d x accumulation %d "
+            "x world %d = %d per step, ~%d steps/epoch, device %s, %s",
+            config.name, self.data.root, self.data.num_items, self.data.num_train_sequences, info.world_size, info.launcher,
+            info.backend, self.engine.zero_stage, self.plan.micro_batch, self.plan.accumulation, info.world_size,
+            self.plan.global_batch, self.epoch_steps[0], self.device, self.amp or "fp32",
+        )
+
+    # ---- loop --------------------------------------------------------------------------------
+
+    def run(self, resume: str | None) -> TrainResult:
+        started = time.perf_counter()
+        self._setup()
+        config, info = self.config, self.info
+        state = LoopState(world_size=info.world_size, global_batch=self.plan.global_batch)
+        resume_from = checkpoint.resolve_resume(resume, self.checkpoints)
+        if resume_from is not None:
+            state = self._restore(resume_from)
+        self.history_path = self.run_dir / "metrics.jsonl"
+        if info.is_main and resume_from is None:
+            self.history_path.write_text("")
+        valid_set, test_set = self.data.eval_set("valid"), self.data.eval_set("test")
+        evaluate = lambda eval_set: evaluate_model(  # noqa: E731
+            self.model, eval_set, config.eval.batch_size, config.data.max_len, config.eval.ks, config.eval.exclude_history, self.device, self.amp
+        )
+
+        self.engine.train()
+        finished = state.step >= self.total_steps
+        while not finished and state.epoch < config.train.epochs:
+            epoch = state.epoch
+            epoch_started = time.perf_counter()
+            ran_dry = self._train_epoch(state)
+            state.train_seconds += time.perf_counter() - epoch_started
+            limit = config.train.time_limit_minutes
+            out_of_time = distributed.broadcast_object(limit is not None and time.perf_counter() - started > 60 * limit)
+            if out_of_time:
+                log.info("time limit of %.1f minutes reached after epoch %d", limit, epoch)
+            finished = state.step >= self.total_steps or epoch + 1 == config.train.epochs or out_of_time
+            stop = False
+            if (epoch + 1) % config.train.eval_every == 0 or finished:
+                valid = distributed.broadcast_object(evaluate(valid_set))
+                self._append({"step": state.step, "epoch": epoch, "valid": valid})
+                log.info("epoch %d valid HR@10 %.4f NDCG@10 %.4f (%d steps, %.0f seq/s)", epoch, valid["HR@10"], valid["NDCG@10"],
+                         state.step, state.sequences_seen / max(state.train_seconds, 1e-9))
+                if valid[EARLY_STOP_METRIC] > state.best_score:
+                    state.best_score, state.best_epoch, state.best_step, state.best_valid, state.stale = valid[EARLY_STOP_METRIC], epoch, state.step, valid, 0
+                    self._save_best()
+                else:
+                    state.stale += 1
+                    if state.stale >= config.train.patience:
+                        log.info("early stop: no %s gain for %d evaluations", EARLY_STOP_METRIC, state.stale)
+                        stop = True
+            state.epoch, state.micro_batches_in_epoch = epoch + 1, 0
+            if ran_dry and max(ran_dry) > 0 and info.is_main:
+                log.info("epoch %d: %d steps; micro-batches left over per rank beyond the shortest: %s", epoch, self.epoch_steps[epoch], ran_dry)
+            if stop:
                 break
-        train_seconds += time.perf_counter() - epoch_started
-        limit = config.train.time_limit_minutes
-        out_of_time = limit is not None and time.perf_counter() - started > 60 * limit
-        if out_of_time:
-            log.info("time limit of %.1f minutes reached after epoch %d", limit, epoch)
-        finished = step >= total_steps or epoch + 1 == config.train.epochs or out_of_time
-        if (epoch + 1) % config.train.eval_every == 0 or finished:
-            valid = evaluate(valid_set)
-            _append(history_path, {"step": step, "epoch": epoch, "valid": valid})
-            log.info("epoch %d valid HR@10 %.4f NDCG@10 %.4f (%.0f seq/s)", epoch, valid["HR@10"], valid["NDCG@10"], sequences_seen / train_seconds)
-            if valid[EARLY_STOP_METRIC] > best_score:
-                best_score, best_epoch, best_valid, stale = valid[EARLY_STOP_METRIC], epoch, valid, 0
-                best_state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
-            else:
-                stale += 1
-                if stale >= config.train.patience:
-                    log.info("early stop: no %s gain for %d evaluations", EARLY_STOP_METRIC, stale)
-                    break
-        if finished:
-            break
+        if not distributed.broadcast_object((self.checkpoints / checkpoint.tag_for(state.step) / checkpoint.COMPLETE_MARKER).is_file()):
+            self._checkpoint(state)
+        return self._finish(state, started, evaluate, test_set, resume_from)
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    test = evaluate(test_set)
-    popularity = popularity_baseline(data, config.data.max_len, config.eval)
-    model.save_pretrained(run_dir / "model")
-    metrics = {
-        "name": config.name,
-        "valid": best_valid,
-        "test": test,
-        "popularity": popularity,
-        "best_epoch": best_epoch,
-        "epochs_run": epochs_run,
-        "steps": step,
-        "train_seconds": round(train_seconds, 2),
-        "sequences_per_s": round(sequences_seen / train_seconds, 1) if train_seconds else None,
-        "total_seconds": round(time.perf_counter() - started, 2),
-        "device": str(device),
-        "precision": str(amp or "fp32"),
-        "item_init": init_report["counts"],
-    }
-    _append(history_path, {"step": step, "test": test})
-    with atomic_file(run_dir / "metrics.json") as handle:
-        handle.write(json.dumps(metrics, indent=2) + "\n")
-    print(f"\n{config.name}: test metrics (best epoch {best_epoch}, {epochs_run} epochs, {train_seconds:.0f} s training)")
-    print(format_table({"seqrec": test, "popularity": popularity["test"]}, config.eval.ks))
-    return TrainResult(run_dir, metrics)
+    def _train_epoch(self, state: LoopState) -> list[int] | None:
+        """One epoch (or its remainder after a resume); returns each rank's leftover micro-batches."""
+        config, plan = self.config, self.plan
+        stream = self.data.sequences(self.stream_options, self.info.rank, self.info.world_size, epoch=state.epoch)
+        loader = sequence_loader(stream, self.stream_options, plan.micro_batch, config.data.num_workers, pin_memory=self.device.type == "cuda")
+        batches = iter(loader)
+        for _ in range(state.micro_batches_in_epoch):
+            next(batches)
+        window_started, window_sequences, window_tokens = time.perf_counter(), 0, 0
+        while state.step < self.total_steps:
+            micro_batches = [batch for batch in (next(batches, None) for _ in range(plan.accumulation)) if batch is not None]
+            if not distributed.all_true(len(micro_batches) == plan.accumulation):
+                leftover = len(micro_batches) + sum(1 for _ in batches)
+                return [int(row[0]) for row in distributed.gather_floats([leftover])]
+            parts = self._step(micro_batches)
+            state.step += 1
+            state.micro_batches_in_epoch += plan.accumulation
+            sequences = sum(len(batch.keys) for batch in micro_batches)
+            tokens = sum(int(batch.lengths.sum()) for batch in micro_batches)
+            state.sequences_seen += sequences * self.info.world_size
+            window_sequences += sequences
+            window_tokens += tokens
+            if state.step % config.train.log_every == 0 or state.step == 1:
+                elapsed = time.perf_counter() - window_started
+                rates = distributed.gather_floats([window_sequences / elapsed, window_tokens / elapsed])
+                row = {
+                    "step": state.step, "epoch": state.epoch, "loss": parts.total.item(), "loss_tail": parts.tail.item(),
+                    "loss_masked": parts.masked.item(), "lr": self.engine.lr, "grad_norm": self.engine.grad_norm,
+                    "sequences_per_s": round(sum(rate[0] for rate in rates), 1), "tokens_per_s": round(sum(rate[1] for rate in rates), 1),
+                    "sequences_per_s_by_rank": [round(rate[0], 1) for rate in rates],
+                    "tokens_per_s_by_rank": [round(rate[1], 1) for rate in rates],
+                }
+                self._append(row)
+                log.info("step %d epoch %d loss %.4f (tail %.4f masked %.4f) lr %.2e | %.0f seq/s %.0f tok/s over %d rank(s)",
+                         state.step, state.epoch, row["loss"], row["loss_tail"], row["loss_masked"], row["lr"],
+                         row["sequences_per_s"], row["tokens_per_s"], len(rates))
+                window_started, window_sequences, window_tokens = time.perf_counter(), 0, 0
+            if config.train.checkpoint_every and state.step % config.train.checkpoint_every == 0 and state.step < self.total_steps:
+                self._checkpoint(state)
+        return None
 
+    def _step(self, micro_batches) -> LossParts:
+        items = [batch.items.to(self.device, non_blocking=True) for batch in micro_batches]
+        draws = [torch.rand(batch.shape, generator=self.generator, device=self.device) for batch in items]
+        return optimizer_step(self.engine, items, draws, self.loss_weights, self.info.world_size)
 
-def _append(path: Path, row: dict) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    # ---- state -------------------------------------------------------------------------------
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"masking": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _checkpoint(self, state: LoopState) -> None:
+        checkpoint.save(self.engine.engine, self.checkpoints, state.step, asdict(state), self._rng_state(), self.config.train.keep_checkpoints)
+
+    def _restore(self, directory: Path) -> LoopState:
+        saved, rng = checkpoint.load(self.engine.engine, directory)
+        state = LoopState(**saved)
+        if state.world_size != self.info.world_size or state.global_batch != self.plan.global_batch:
+            raise ConfigError(
+                f"--resume: {directory} was written by {state.world_size} process(es) with global batch {state.global_batch}; "
+                f"this run has {self.info.world_size} and {self.plan.global_batch}"
+            )
+        self.generator.set_state(rng["masking"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", directory, state.step, state.epoch, state.micro_batches_in_epoch)
+        return state
+
+    def _save_best(self) -> None:
+        weights = self.engine.full_state_dict()
+        if self.info.is_main:
+            target = self.run_dir / BEST_WEIGHTS
+            temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            save_file({key: value.contiguous() for key, value in weights.items()}, str(temporary))
+            os.replace(temporary, target)
+        distributed.barrier()
+
+    def _finish(self, state: LoopState, started: float, evaluate, test_set, resume_from: Path | None) -> TrainResult:
+        config, info = self.config, self.info
+        best_file = self.run_dir / BEST_WEIGHTS
+        best = None
+        if info.is_main and best_file.is_file():
+            best = load_file(str(best_file))
+        if distributed.broadcast_object(best is not None):
+            self.engine.load_full_state_dict(best)
+        test = distributed.broadcast_object(evaluate(test_set))
+        weights = self.engine.full_state_dict() if self.engine.zero_stage == 3 else None
+        metrics = None
+        if info.is_main:
+            popularity = popularity_baseline(self.data, config.data.max_len, config.eval)
+            self.model.save_pretrained(self.run_dir / "model", state_dict=weights)
+            metrics = {
+                "name": config.name,
+                "valid": state.best_valid,
+                "test": test,
+                "popularity": popularity,
+                "best_epoch": state.best_epoch,
+                "epochs_run": state.epoch,
+                "steps": state.step,
+                "train_seconds": round(state.train_seconds, 2),
+                "sequences_per_s": round(state.sequences_seen / state.train_seconds, 1) if state.train_seconds else None,
+                "total_seconds": round(time.perf_counter() - started, 2),
+                "processes": info.world_size,
+                "zero_stage": self.engine.zero_stage,
+                "global_batch": self.plan.global_batch,
+                "micro_batch": self.plan.micro_batch,
+                "accumulation": self.plan.accumulation,
+                "resumed_from": str(resume_from) if resume_from else None,
+                "device": str(self.device),
+                "precision": str(self.amp or "fp32"),
+                "item_init": self.init_report["counts"],
+            }
+            self._append({"step": state.step, "test": test})
+            with atomic_file(self.run_dir / "metrics.json") as handle:
+                handle.write(json.dumps(metrics, indent=2) + "\n")
+            print(f"\n{config.name}: test metrics (best epoch {state.best_epoch}, {state.epoch} epochs, {state.train_seconds:.0f} s training)")
+            print(format_table({"seqrec": test, "popularity": popularity["test"]}, config.eval.ks))
+        metrics = distributed.broadcast_object(metrics)
+        return TrainResult(self.run_dir, metrics)
+
+    def _append(self, row: dict) -> None:
+        if self.info.is_main:
+            with open(self.history_path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+

@@ -3,7 +3,8 @@
 Shards are split first by rank (node split), then by DataLoader worker; every rank applies
 the same seeded shard permutation per epoch, so the parts are disjoint and together cover
 every shard exactly once. Inside a worker a seeded shuffle buffer mixes sequences.
-Sequences longer than `max_len` keep their most recent items.
+Sequences longer than `max_len` keep their most recent items, or (with `windows`) are cut into
+consecutive windows of `max_len`, newest first, each its own sample.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class StreamOptions:
     # Batches are cut from a pool of this many batches' worth of samples sorted by length, so
     # short sequences are not padded to a long neighbour's length (on Beauty, ~6x fewer tokens).
     bucket_pool: int = 32
+    windows: bool = False
 
     def __post_init__(self) -> None:
         if self.max_len < 2:
@@ -99,10 +101,12 @@ def sequence_dataset(
         # More workers than shards is legitimate: such a worker simply yields nothing.
         empty_check=False,
     )
-    dataset = dataset.map(partial(_decode, max_len=options.max_len, num_items=num_items))
+    dataset = dataset.map(partial(_decode, max_len=None if options.windows else options.max_len, num_items=num_items))
     if expected_counts is not None:
         expected = {str(url): count for url, count in expected_counts.items()}
         dataset = dataset.compose(partial(_verify_counts, shards=mine, expected=expected))
+    if options.windows:
+        dataset = dataset.compose(partial(_windows, max_len=options.max_len))
     if options.shuffle_buffer > 1:
         dataset = dataset.compose(partial(_shuffle, size=options.shuffle_buffer, seed=(options.seed, epoch, rank)))
     return dataset
@@ -125,12 +129,27 @@ def sequence_loader(dataset: wds.WebDataset, options: StreamOptions, batch_size:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
     batches = dataset.compose(partial(_length_bucketed, batch_size=batch_size, pool=options.bucket_pool, seed=options.seed))
     batches = batches.map(partial(collate, pad_multiple=options.pad_multiple, max_len=options.max_len))
-    return DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    # A private generator: creating the iterator must not draw from the global torch RNG, whose
+    # state a resumed run restores (dropout) and expects untouched by data loading.
+    return DataLoader(
+        batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(options.seed)
+    )
+
+
+def batches_per_rank(
+    sample_counts: Mapping[str, int], options: StreamOptions, rank: int, world_size: int, epoch: int, batch_size: int, num_workers: int
+) -> int:
+    """Batches `sequence_loader` yields for one rank and epoch: each worker cuts its own samples
+    into batches, the last one short."""
+    mine = shards_for_rank(list(sample_counts), rank, world_size, options.seed, epoch)
+    workers = max(num_workers, 1)
+    return sum(-(-sum(sample_counts[url] for url in mine[worker::workers]) // batch_size) for worker in range(workers))
 
 
 def _length_bucketed(source: Iterator[SequenceSample], batch_size: int, pool: int, seed: int) -> Iterator[list[SequenceSample]]:
     info = get_worker_info()
-    rng = random.Random(hash((seed, "buckets", info.id if info else 0)))
+    # A string seed: str hashes are salted per process, and every rank must replay the same order on resume.
+    rng = random.Random(f"{seed}/buckets/{info.id if info else 0}")
     buffer: list[SequenceSample] = []
 
     def flush() -> Iterator[list[SequenceSample]]:
@@ -147,7 +166,27 @@ def _length_bucketed(source: Iterator[SequenceSample], batch_size: int, pool: in
     yield from flush()
 
 
-def _decode(sample: dict, max_len: int, num_items: int) -> SequenceSample:
+def window_bounds(length: int, max_len: int) -> list[tuple[int, int]]:
+    """[start, end) of the windows of a sequence: back from the end in steps of max_len, dropping
+    a leftover of a single item (nothing to learn from a lone masked tail)."""
+    bounds = []
+    for end in range(length, 0, -max_len):
+        start = max(0, end - max_len)
+        if end - start >= 2 or end == length:
+            bounds.append((start, end))
+    return bounds
+
+
+def _windows(source: Iterator[SequenceSample], max_len: int) -> Iterator[SequenceSample]:
+    for sample in source:
+        if len(sample.items) <= max_len:
+            yield sample
+            continue
+        for start, end in window_bounds(len(sample.items), max_len):
+            yield SequenceSample(f"{sample.key}.w{start}", sample.items[start:end], sample.url)
+
+
+def _decode(sample: dict, max_len: int | None, num_items: int) -> SequenceSample:
     key, url = sample["__key__"], sample.get("__url__", "?")
     where = f"{url}: sample {key}"
     if SEQUENCE_FIELD not in sample:
@@ -157,7 +196,7 @@ def _decode(sample: dict, max_len: int, num_items: int) -> SequenceSample:
         raise ShardError(f"{where}: empty sequence")
     if int(items.min()) < 1 or int(items.max()) > num_items:
         raise ShardError(f"{where}: item id outside 1..{num_items}; shards and meta.json disagree, re-run prepare")
-    return SequenceSample(key, items[-max_len:], url)
+    return SequenceSample(key, items if max_len is None else items[-max_len:], url)
 
 
 def _verify_counts(source: Iterator[SequenceSample], shards: list[str], expected: dict[str, int]) -> Iterator:
@@ -176,7 +215,7 @@ def _verify_counts(source: Iterator[SequenceSample], shards: list[str], expected
 
 def _shuffle(source: Iterator, size: int, seed: tuple[int, int, int]) -> Iterator:
     info = get_worker_info()
-    rng = random.Random(hash((*seed, info.id if info else 0)))
+    rng = random.Random("/".join(map(str, (*seed, info.id if info else 0))))
     buffer: list = []
     for sample in source:
         if len(buffer) < size:

@@ -1,0 +1,106 @@
+"""Resumable DeepSpeed checkpoints: complete-or-invisible, the last K kept.
+
+Layout under <run_dir>/checkpoints/:
+    step_00000120/            DeepSpeed's files (model, optimiser, scheduler: every rank's part)
+        trainer_state.json    loop position (step, epoch, batches consumed, early-stopping state)
+        rng_rank<r>.pt        that rank's masking generator and torch RNG states
+        COMPLETE              written last, by rank 0, after every rank finished writing
+A directory without COMPLETE (a save cut short by a kill) is never resumed from, and is removed
+by the next successful save. Assumes the run directory is on a filesystem every rank sees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from seqrec import distributed
+from seqrec.atomic import atomic_file
+from seqrec.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [path for path in root.iterdir() if _TAG.match(path.name) and (path / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=lambda path: int(_TAG.match(path.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def resolve_resume(spec: str | None, root: Path) -> Path | None:
+    """`auto`: the newest complete checkpoint if any; a path: that checkpoint (must be complete)."""
+    if spec in (None, "never"):
+        return None
+    if spec == "auto":
+        return latest_checkpoint(root)
+    path = Path(spec)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise ConfigError(f"--resume: {path} is not a complete seqrec checkpoint (no {COMPLETE_MARKER} marker)")
+    return path
+
+
+def save(engine, root: Path, step: int, trainer_state: dict, rng_state: dict[str, torch.Tensor], keep: int) -> Path:
+    """Collective: every rank writes its part; rank 0 marks it complete, then prunes."""
+    tag = tag_for(step)
+    directory = root / tag
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        if directory.exists():  # an incomplete earlier attempt at this very step
+            shutil.rmtree(directory)
+        root.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    torch.save(rng_state, directory / f"rng_rank{rank}.pt")
+    distributed.barrier()
+    if rank == 0:
+        with atomic_file(directory / TRAINER_STATE) as handle:
+            handle.write(json.dumps(trainer_state, indent=2) + "\n")
+        with atomic_file(directory / COMPLETE_MARKER) as handle:
+            handle.write(f"{step}\n")
+        _prune(root, keep, directory)
+        log.info("checkpoint %s saved (keeping the last %d)", directory, keep)
+    distributed.barrier()
+    return directory
+
+
+def load(engine, directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore model, optimiser and scheduler; return the trainer state and this rank's RNG states."""
+    rank = torch.distributed.get_rank()
+    path, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise ConfigError(f"--resume: DeepSpeed could not load {directory}")
+    trainer_state = json.loads((directory / TRAINER_STATE).read_text())
+    rng_file = directory / f"rng_rank{rank}.pt"
+    if not rng_file.is_file():
+        raise ConfigError(f"--resume: {rng_file} missing; the checkpoint was written by a run with a different number of processes")
+    return trainer_state, torch.load(rng_file, weights_only=True)
+
+
+def _prune(root: Path, keep: int, newest: Path) -> None:
+    complete = complete_checkpoints(root)
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for path in root.iterdir():
+        match = _TAG.match(path.name)
+        if match and path != newest and not (path / COMPLETE_MARKER).is_file():
+            shutil.rmtree(path, ignore_errors=True)

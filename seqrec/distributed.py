@@ -1,0 +1,158 @@
+"""Process-group setup and the few collectives the training loop needs.
+
+One entry point for every launcher: `deepspeed` and `torchrun` export RANK/WORLD_SIZE/LOCAL_RANK
+and MASTER_ADDR/MASTER_PORT; SLURM's `srun` exports SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and
+the node list, from which the rendezvous is derived here; a plain `python launcher/train.py`
+becomes a world of one. NCCL on GPUs, gloo on CPU. Control decisions (does every rank still have
+data, stop early) travel over a gloo group so they never force a GPU synchronisation.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import logging
+import os
+import re
+import socket
+import subprocess
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_control_group = None
+
+
+def launch_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for this process, whatever launched it."""
+    env = dict(os.environ if environ is None else environ)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "torchrun/deepspeed"
+        resolved = {key: env[key] for key in ("RANK", "WORLD_SIZE") }
+        resolved["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
+        resolved["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
+        resolved["MASTER_PORT"] = env.get("MASTER_PORT", "29500")
+    elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env and "SLURM_STEP_ID" in env and env.get("SLURM_STEP_ID") != "batch":
+        # Inside an `srun` step; the batch script itself (one process) falls through to a world of one.
+        launcher = "srun"
+        resolved = {
+            "RANK": env["SLURM_PROCID"],
+            "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+        }
+    else:
+        launcher = "single process"
+        resolved = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port())}
+    resolved["LAUNCHER"] = launcher
+    return resolved
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as 'gpu[003-005,009],cpu01' -> 'gpu003'."""
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        names = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30).stdout.split()
+        if names:
+            return names[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    first = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not first:
+        return nodelist
+    prefix, ranges = first.group(1), first.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def init(device_type: str, timeout_minutes: float) -> DistInfo:
+    """Join (or create) the process group. Idempotent: the group lives until the process exits
+    (DeepSpeed caches its groups, so a second group in one process would confuse it)."""
+    global _control_group
+    resolved = launch_environment()
+    launcher = resolved.pop("LAUNCHER")
+    for key, value in resolved.items():
+        os.environ.setdefault(key, value)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        import deepspeed
+        from deepspeed.utils import logger as deepspeed_logger
+
+        deepspeed_logger.setLevel(logging.WARNING)
+        # DeepSpeed still calls the collectives torch renamed; the warning repeats every step.
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.? is deprecated", category=FutureWarning)
+
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes),
+            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+        )
+        atexit.register(shutdown)
+    if _control_group is None:
+        _control_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    backend = dist.get_backend()
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), backend, launcher)
+    log.debug("rank %d of %d (local %d), %s, launched by %s", info.rank, info.world_size, info.local_rank, backend, launcher)
+    return info
+
+
+def shutdown() -> None:
+    global _control_group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _control_group = None
+
+
+def all_true(flag: bool) -> bool:
+    """True when `flag` holds on every rank (a CPU collective: no device synchronisation)."""
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_control_group)
+    return bool(value.item())
+
+
+def any_true(flag: bool) -> bool:
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group)
+    return bool(value.item())
+
+
+def gather_floats(values: list[float]) -> list[list[float]]:
+    """Every rank's `values`, indexed by rank (a CPU collective)."""
+    local = torch.tensor(values, dtype=torch.float64)
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local, group=_control_group)
+    return [row.tolist() for row in gathered]
+
+
+def broadcast_object(value, src: int = 0):
+    holder = [value]
+    dist.broadcast_object_list(holder, src=src, group=_control_group)
+    return holder[0]
+
+
+def barrier() -> None:
+    dist.barrier(group=_control_group)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -1,0 +1,196 @@
+"""The DeepSpeed engine under the training loop: config merging, ZeRO setup, consolidated weights.
+
+The job config is the single source of truth for batch sizes, optimiser, schedule, clipping
+and precision; the DeepSpeed JSON contributes what only DeepSpeed knows (ZeRO stage, buckets,
+offload, communication). A JSON that states a batch size or optimiser must agree with the job
+or the run stops with an error naming both values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from seqrec.config import JobConfig
+from seqrec.errors import ConfigError
+from seqrec.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_OWNED_BY_JOB = {
+    "optimizer": "optim.*",
+    "scheduler": "optim.warmup_steps/schedule",
+    "fp16": "train.precision",
+    "amp": "train.precision",
+}
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch: int
+    micro_batch: int
+    accumulation: int
+    world_size: int
+
+
+def plan_batches(config: JobConfig, world_size: int) -> BatchPlan:
+    train = config.train
+    micro = train.micro_batch_size
+    if micro is None:
+        if train.batch_size % world_size:
+            raise ConfigError(
+                f"train.batch_size: {train.batch_size} is not divisible by the world size {world_size}; "
+                "set train.micro_batch_size or a batch size that is a multiple of the number of processes"
+            )
+        micro = train.batch_size // world_size
+    if train.batch_size % (micro * world_size):
+        raise ConfigError(
+            f"train.batch_size: {train.batch_size} must equal micro_batch_size ({micro}) x accumulation x world size "
+            f"({world_size}); {train.batch_size} is not a multiple of {micro * world_size}"
+        )
+    return BatchPlan(train.batch_size, micro, train.batch_size // (micro * world_size), world_size)
+
+
+def load_deepspeed_json(spec: str | None) -> tuple[dict, Path | None]:
+    if spec is None:
+        return {"zero_optimization": {"stage": 0}}, None
+    path = Path(spec)
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        path = REPO_ROOT / path
+    if not path.is_file():
+        raise ConfigError(f"distributed.deepspeed_config: {spec} not found")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be an object")
+    return raw, path
+
+
+def deepspeed_config(config: JobConfig, plan: BatchPlan, autocast: torch.dtype | None) -> dict:
+    """The DeepSpeed config for this job: the JSON file merged with the job's own settings."""
+    raw, path = load_deepspeed_json(config.distributed.deepspeed_config)
+    where = path or "built-in DeepSpeed config"
+    for key, owner in _OWNED_BY_JOB.items():
+        if key in raw and raw[key] and (not isinstance(raw[key], dict) or raw[key].get("enabled", True)):
+            raise ConfigError(f"{where}: '{key}' is set by the job config ({owner}); remove it from the DeepSpeed JSON")
+    batches = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation,
+    }
+    for key, value in batches.items():
+        if key in raw and raw[key] != "auto" and raw[key] != value:
+            raise ConfigError(
+                f"{where}: {key}={raw[key]} disagrees with the job config, which gives {value} "
+                f"(train.batch_size={plan.global_batch}, micro {plan.micro_batch} x accumulation {plan.accumulation} "
+                f"x world {plan.world_size}); set batch sizes in the job config only, or 'auto'"
+            )
+    merged = dict(raw)
+    merged.update(batches)
+    merged["gradient_clipping"] = config.optim.grad_clip
+    zero = dict(merged.get("zero_optimization") or {})
+    if config.distributed.zero_stage is not None:
+        zero["stage"] = config.distributed.zero_stage
+    zero.setdefault("stage", 0)
+    merged["zero_optimization"] = zero
+    # The optimiser is the job's (fused torch AdamW); ZeRO partitions its state all the same.
+    merged["zero_allow_untested_optimizer"] = True
+    native_bf16 = bool((raw.get("bf16") or {}).get("enabled"))
+    if autocast is not None and not native_bf16:
+        merged["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    merged.setdefault("steps_per_print", 10**9)
+    merged.setdefault("wall_clock_breakdown", False)
+    return merged
+
+
+class TrainingEngine:
+    """DeepSpeed engine plus what the loop asks of it: step, learning rate, norm, weights."""
+
+    def __init__(self, objective: torch.nn.Module, config: JobConfig, plan: BatchPlan, total_steps: int, autocast: torch.dtype | None):
+        import deepspeed
+
+        self.plan = plan
+        self.ds_config = deepspeed_config(config, plan, autocast)
+        self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
+        model = objective.model
+        if self.zero_stage == 3:
+            from deepspeed.runtime.zero.partition_parameters import GatheredParameters  # noqa: F401  (fail early if absent)
+
+            for parameter in model.scoring_parameters():
+                deepspeed.zero.register_external_parameter(model, parameter)
+        optimizer = build_optimizer(objective, config.optim)
+        scheduler = build_scheduler(optimizer, config.optim, total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+        )
+        self.objective = self.engine.module
+
+    @property
+    def model(self):
+        return self.engine.module.model
+
+    def forward(self, items: torch.Tensor, draws: torch.Tensor):
+        return self.engine(items, draws)
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    @property
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """fp32 CPU copy of every model weight on rank 0 (None elsewhere); all ranks must call it."""
+        model = self.model
+        rank = dist.get_rank()
+        if self.zero_stage != 3:
+            if rank != 0:
+                return None
+            return {key: value.detach().to("cpu", torch.float32, copy=True) for key, value in model.state_dict().items()}
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        state: dict[str, torch.Tensor] = {}
+        for name, parameter in model.named_parameters():
+            with GatheredParameters([parameter], modifier_rank=None):
+                if rank == 0:
+                    state[name] = parameter.detach().to("cpu", torch.float32, copy=True)
+        for name, buffer in model.named_buffers():
+            if rank == 0:
+                state[name] = buffer.detach().to("cpu", copy=True)
+        return state if rank == 0 else None
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Put rank 0's full weights into the model on every rank (collective)."""
+        model = self.model
+        rank = dist.get_rank()
+        if self.zero_stage == 3:
+            from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+            for name, parameter in model.named_parameters():
+                with GatheredParameters([parameter], modifier_rank=0):
+                    if rank == 0:
+                        with torch.no_grad():
+                            parameter.copy_(state[name])
+            return
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if rank == 0:
+                    parameter.copy_(state[name])
+                dist.broadcast(parameter.data, src=0)
