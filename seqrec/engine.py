@@ -171,8 +171,9 @@ class TrainingEngine:
             with GatheredParameters([parameter], modifier_rank=None):
                 if rank == 0:
                     state[name] = parameter.detach().to("cpu", torch.float32, copy=True)
+        persistent = set(model.state_dict().keys())
         for name, buffer in model.named_buffers():
-            if rank == 0:
+            if rank == 0 and name in persistent:
                 state[name] = buffer.detach().to("cpu", copy=True)
         return state if rank == 0 else None
 

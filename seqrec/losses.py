@@ -7,6 +7,7 @@ in one indexed gather, the other masked positions by mask), then scored against 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +26,10 @@ class LossParts:
     scored_rows: int  # rows of the logits matrix that was built (its width is num_items)
 
 
-@dataclass
-class LossSums:
+class LossSums(NamedTuple):
     """Per-rank pieces, so the caller can normalise the masked term by the GLOBAL count of masked
-    positions: averaging per-rank means would weight a rank's positions by its own count."""
+    positions: averaging per-rank means would weight a rank's positions by its own count.
+    A NamedTuple, so engines that hook module outputs (ZeRO-3) see the tensors inside."""
 
     tail_mean: torch.Tensor  # every rank has the same number of tails (its micro-batch)
     masked_sum: torch.Tensor

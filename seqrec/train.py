@@ -188,8 +188,8 @@ class _Trainer:
         if resume_from is not None:
             state = self._restore(resume_from)
         self.history_path = self.run_dir / "metrics.jsonl"
-        if info.is_main and resume_from is None:
-            self.history_path.write_text("")
+        if info.is_main:
+            self._reset_history(state.step if resume_from is not None else None)
         valid_set, test_set = self.data.eval_set("valid"), self.data.eval_set("test")
         evaluate = lambda eval_set: evaluate_model(  # noqa: E731
             self.model, eval_set, config.eval.batch_size, config.data.max_len, config.eval.ks, config.eval.exclude_history, self.device, self.amp
@@ -353,6 +353,21 @@ class _Trainer:
             print(format_table({"seqrec": test, "popularity": popularity["test"]}, config.eval.ks))
         metrics = distributed.broadcast_object(metrics)
         return TrainResult(self.run_dir, metrics)
+
+    def _reset_history(self, resumed_step: int | None) -> None:
+        """Fresh run: empty. Resumed at step S: keep what happened up to the checkpoint (step
+        rows <= S; evaluations at S ran after it was saved), so each step appears once."""
+        kept: list[str] = []
+        if resumed_step is not None and self.history_path.is_file():
+            for line in self.history_path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the kill
+                    continue
+                if row.get("step", 0) < resumed_step or (row.get("step") == resumed_step and "loss" in row):
+                    kept.append(line + "\n")
+        with atomic_file(self.history_path) as handle:
+            handle.write("".join(kept))
 
     def _append(self, row: dict) -> None:
         if self.info.is_main:

@@ -85,6 +85,9 @@ def test_long_sequences_keep_their_most_recent_items(tmp_path):
     shard.write_bytes(tar_member(f"{sample_key(0)}.seq.i32".encode(), np.arange(1, 31, dtype="<i4").tobytes()) + bytes(1024))
     samples = list(sequence_dataset([shard], StreamOptions(max_len=8, shuffle_buffer=0), num_items=30))
     assert samples[0].items.tolist() == list(range(23, 31))
+    windows = list(sequence_dataset([shard], StreamOptions(max_len=8, shuffle_buffer=0, windows=True), num_items=30))
+    assert [sample.items.tolist() for sample in windows] == [list(range(23, 31)), list(range(15, 23)), list(range(7, 15)), list(range(1, 7))]
+    assert len({sample.key for sample in windows}) == 4
 
 
 def test_collate_right_pads_to_a_multiple():

@@ -1,0 +1,161 @@
+"""Real multi-process training (gloo on CPU): ZeRO equivalence, kill -9 and resume, uneven shards,
+crashing ranks, and the deepspeed launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqrec.data.prepared import PreparedDataset
+from seqrec.data.stream import shards_for_rank
+from tests.conftest import REPO
+
+VENV_BIN = Path(sys.executable).parent
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def torchrun(nproc: int, *args, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def train_args(dataset: Path, run_dir: Path, *overrides: str) -> list[str]:
+    args = ["launcher/train.py", "--config", TINY_CONFIG, "--set", f"data.dataset={dataset}", "--set", f"run_dir={run_dir}"]
+    for override in overrides:
+        args += ["--set", override]
+    return args
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in history(run_dir) if "loss" in row}
+
+
+# ZeRO partitions change the order of fp32 sums (bucketed reduce-scatter vs one all-reduce):
+# gradients agree to ~1e-7 relative, and Adam's g / sqrt(v) turns that into at most a few 1e-6
+# on weights after 6 steps of lr 0.01. 5e-5 is 10x that and still 200x below one step's update.
+WEIGHT_TOLERANCE = 5e-5
+LOSS_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def equivalence_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("equivalence")
+    single = subprocess.run(
+        [sys.executable, "tests/workers/equivalence.py", str(out / "one.pt")], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = torchrun(2, "tests/workers/equivalence.py", out / "two.pt")
+    assert double.returncode == 0, double.stderr[-3000:]
+    return torch.load(out / "one.pt", weights_only=True), torch.load(out / "two.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_two_processes_match_one_with_the_same_global_batch(equivalence_runs, stage):
+    one, two = equivalence_runs[0][stage], equivalence_runs[1][stage]
+    assert torch.allclose(one["losses"], two["losses"], rtol=0, atol=LOSS_TOLERANCE), (one["losses"], two["losses"])
+    assert set(one["weights"]) == set(two["weights"])
+    worst = max((one["weights"][key] - two["weights"][key]).abs().max().item() for key in one["weights"])
+    assert worst < WEIGHT_TOLERANCE
+    # The comparison can fail: training moved the weights far more than the tolerance.
+    moved = max((one["weights"][key] - equivalence_runs[0][0]["weights"][key]).abs().max().item() for key in one["weights"])
+    baseline_shift = (one["losses"][0] - one["losses"][-1]).abs().item()
+    assert baseline_shift > 100 * LOSS_TOLERANCE
+    assert moved < WEIGHT_TOLERANCE  # every stage trains the same model as stage 0
+
+
+def test_kill_nine_then_resume_reaches_the_uninterrupted_result(tiny_dataset, tmp_path):
+    overrides = ("train.epochs=8", "train.checkpoint_every=4", "train.log_every=1", "train.patience=100")
+    reference = torchrun(2, *train_args(tiny_dataset, tmp_path / "reference", *overrides))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, train_args(tiny_dataset, run_dir, *overrides))]
+    process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = run_dir / "checkpoints" / "step_00000008" / "COMPLETE"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    killed_at = max(losses_by_step(run_dir))
+    total_steps = max(losses_by_step(tmp_path / "reference"))
+    assert killed_at < total_steps
+
+    resumed = torchrun(2, *train_args(tiny_dataset, run_dir, *overrides), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["resumed_from"] is not None and "step_" in metrics["resumed_from"]
+    expected, got = losses_by_step(tmp_path / "reference"), losses_by_step(run_dir)
+    assert sorted(got) == sorted(expected), "the resumed history must hold each step once"
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-6, abs=1e-6), step
+    reference_metrics = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    assert metrics["test"] == pytest.approx(reference_metrics["test"], abs=1e-9)
+    kept = sorted(path.name for path in (run_dir / "checkpoints").iterdir() if path.name.startswith("step_"))
+    assert len(kept) == 2 and kept[-1] == f"step_{total_steps:08d}"
+
+
+def _reshard(source: Path, target: Path, shard_size: int) -> Path:
+    from seqrec.cli import main
+
+    csv = source.parent / "tiny.csv"
+    assert main(["prepare", str(csv), "--out", str(target), "--shard-size", str(shard_size), "--quiet"]) == 0
+    return target
+
+
+def test_uneven_shards_finish_with_equal_steps_on_every_rank(tiny_dataset, tmp_path):
+    # 300 sequences in shards of 120: 120 + 120 + 60, so one rank streams twice the other's data.
+    dataset = _reshard(tiny_dataset, tmp_path / "uneven", 120)
+    assert len(PreparedDataset.open(dataset).shard_paths()) == 3
+    result = torchrun(2, *train_args(dataset, tmp_path / "run", "train.epochs=3"), timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["epochs_run"] == 3
+    # 16 per micro-batch: the poorer rank has ceil(60/16) = 4 or ceil(120/16) = 8 batches per epoch.
+    assert metrics["steps"] in range(3 * 4, 3 * 8 + 1)
+    assert "left over per rank" in result.stderr
+
+
+def test_a_crashing_rank_ends_the_job_with_an_error(tiny_dataset, tmp_path):
+    dataset = tmp_path / "broken"
+    shutil.copytree(tiny_dataset, dataset)
+    data = PreparedDataset.open(dataset)
+    victim = Path(shards_for_rank(data.shard_paths(), rank=1, world_size=2, seed=0, epoch=0)[0])
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    started = time.monotonic()
+    result = torchrun(2, *train_args(dataset, tmp_path / "run", "distributed.timeout_minutes=2"), timeout=240)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 150
+    assert victim.name in result.stderr
+
+
+def test_deepspeed_launcher_runs_the_same_entry_point(tiny_dataset, tmp_path):
+    command = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", *map(str, train_args(tiny_dataset, tmp_path / "run", "train.max_steps=4", "distributed.zero_stage=2"))]
+    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["zero_stage"] == 2 and metrics["steps"] == 4
+    rows = [row for row in history(tmp_path / "run") if "loss" in row]
+    assert len(rows[0]["sequences_per_s_by_rank"]) == 2 and rows[0]["tokens_per_s"] > 0
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
