@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    from seqrec import progress
+
+    progress.set_quiet(args.quiet)
     try:
         return args.run(args) or 0
     except SeqrecError as exc:
@@ -112,7 +115,7 @@ def _run_prepare(args: argparse.Namespace) -> None:
         shard_size=args.shard_size,
         seed=args.seed,
         force=args.force,
-        show_progress=not args.quiet and sys.stderr.isatty(),
+        show_progress=progress_enabled(),
     )
     result = prepare(options)
     if not result.skipped:
@@ -122,6 +125,12 @@ def _run_prepare(args: argparse.Namespace) -> None:
             result.out, counts["users"], counts["items"], counts["interactions"],
             counts["train_sequences"], len(result.meta["shards"]), result.meta["seconds"],
         )
+
+
+def progress_enabled() -> bool:
+    from seqrec import progress
+
+    return progress.enabled()
 
 
 def _run_train(args: argparse.Namespace) -> None:

@@ -159,6 +159,22 @@ class DistributedConfig:
 
 
 @dataclass
+class TrackingConfig:
+    # auto: online when logged in to wandb, else offline; or online, offline, disabled.
+    wandb: str = "auto"
+    project: str = "seqrec"
+    entity: str | None = None
+    run_name: str | None = None  # default: the job name
+    tags: tuple[str, ...] = ()
+    init_timeout_s: float = 60.0
+
+    def validate(self) -> None:
+        _choice(self.wandb, "tracking.wandb", ("auto", "online", "offline", "disabled"))
+        _check(bool(self.project), "tracking.project", "must be non-empty", self.project)
+        _check(self.init_timeout_s > 0, "tracking.init_timeout_s", "must be > 0", self.init_timeout_s)
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 256
     ks: tuple[int, ...] = (1, 5, 10, 20)
@@ -181,10 +197,11 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> "JobConfig":
         _check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'", self.name)
-        for part in (self.data, self.model, self.loss, self.optim, self.train, self.eval, self.distributed):
+        for part in (self.data, self.model, self.loss, self.optim, self.train, self.eval, self.distributed, self.tracking):
             part.validate()
         return self
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from seqrec import progress
 from seqrec.data.sequences import gather_prefixes, right_pad
 from seqrec.data.split import EvalSet
 from seqrec.masking import tail_positions
@@ -75,11 +76,14 @@ def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...]) -> dict[str, floa
 
 def rank_all(scorer: Scorer, eval_set: EvalSet, batch_size: int, max_len: int, append_mask: bool, exclude_history: bool, device) -> np.ndarray:
     ranks = []
+    bar = progress.bar(total=-(-len(eval_set) // batch_size), desc="evaluating", unit="batch")
     for items, targets, history in history_batches(eval_set, batch_size, max_len, append_mask):
+        bar.update()
         items, targets = items.to(device), targets.to(device)
         scores = scorer(items)
         excluded = history.to(device) if exclude_history else None
         ranks.append(target_ranks(scores, targets, excluded).cpu().numpy())
+    bar.close()
     return np.concatenate(ranks) if ranks else np.zeros(0)
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
 
-from seqrec import checkpoint, distributed
+from seqrec import checkpoint, distributed, progress
 from seqrec.atomic import atomic_file
 from seqrec.config import EvalConfig, JobConfig
 from seqrec.data.prepared import PreparedDataset
@@ -35,6 +35,7 @@ from seqrec.evaluate import evaluate_model, evaluate_popularity, format_table
 from seqrec.losses import LossParts, MaskedItemObjective
 from seqrec.model import build_model
 from seqrec.runtime import autocast_dtype, resolve_device
+from seqrec.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +188,8 @@ class _Trainer:
         resume_from = checkpoint.resolve_resume(resume, self.checkpoints)
         if resume_from is not None:
             state = self._restore(resume_from)
-        self.history_path = self.run_dir / "metrics.jsonl"
-        if info.is_main:
-            self._reset_history(state.step if resume_from is not None else None)
+        self.tracker = Tracker(config, self.run_dir, info.is_main, resumed=resume_from is not None)
+        self.tracker.reset_history(state.step if resume_from is not None else None)
         valid_set, test_set = self.data.eval_set("valid"), self.data.eval_set("test")
         evaluate = lambda eval_set: evaluate_model(  # noqa: E731
             self.model, eval_set, config.eval.batch_size, config.data.max_len, config.eval.ks, config.eval.exclude_history, self.device, self.amp
@@ -238,6 +238,12 @@ class _Trainer:
         batches = iter(loader)
         for _ in range(state.micro_batches_in_epoch):
             next(batches)
+        steps_left = min(self.epoch_steps[state.epoch] - state.micro_batches_in_epoch // plan.accumulation, self.total_steps - state.step)
+        with progress.bar(total=max(steps_left, 0), desc=f"epoch {state.epoch}", unit="step") as bar:
+            return self._train_steps(state, batches, bar)
+
+    def _train_steps(self, state: LoopState, batches, bar) -> list[int] | None:
+        config, plan = self.config, self.plan
         window_started, window_sequences, window_tokens = time.perf_counter(), 0, 0
         while state.step < self.total_steps:
             micro_batches = [batch for batch in (next(batches, None) for _ in range(plan.accumulation)) if batch is not None]
@@ -245,6 +251,7 @@ class _Trainer:
                 leftover = len(micro_batches) + sum(1 for _ in batches)
                 return [int(row[0]) for row in distributed.gather_floats([leftover])]
             parts = self._step(micro_batches)
+            bar.update()
             state.step += 1
             state.micro_batches_in_epoch += plan.accumulation
             sequences = sum(len(batch.keys) for batch in micro_batches)
@@ -349,28 +356,12 @@ class _Trainer:
             self._append({"step": state.step, "test": test})
             with atomic_file(self.run_dir / "metrics.json") as handle:
                 handle.write(json.dumps(metrics, indent=2) + "\n")
+            self.tracker.finish(metrics, {"seqrec": test, "popularity": popularity["test"]})
             print(f"\n{config.name}: test metrics (best epoch {state.best_epoch}, {state.epoch} epochs, {state.train_seconds:.0f} s training)")
             print(format_table({"seqrec": test, "popularity": popularity["test"]}, config.eval.ks))
         metrics = distributed.broadcast_object(metrics)
         return TrainResult(self.run_dir, metrics)
 
-    def _reset_history(self, resumed_step: int | None) -> None:
-        """Fresh run: empty. Resumed at step S: keep what happened up to the checkpoint (step
-        rows <= S; evaluations at S ran after it was saved), so each step appears once."""
-        kept: list[str] = []
-        if resumed_step is not None and self.history_path.is_file():
-            for line in self.history_path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by the kill
-                    continue
-                if row.get("step", 0) < resumed_step or (row.get("step") == resumed_step and "loss" in row):
-                    kept.append(line + "\n")
-        with atomic_file(self.history_path) as handle:
-            handle.write("".join(kept))
-
     def _append(self, row: dict) -> None:
-        if self.info.is_main:
-            with open(self.history_path, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+        self.tracker.log(row)
 
