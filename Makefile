@@ -29,6 +29,8 @@ demo: $(STAMP)
 	$(PY) -m seqrec prepare $(DEMO).csv --out $(DEMO) --shard-size 500
 	$(PY) -m seqrec inspect $(DEMO)
 	$(PY) launcher/train.py --config configs/demo.yaml
+	$(PY) -m seqrec export runs/demo runs/demo-export --force
+	$(PY) -m seqrec recommend --model runs/demo-export --dataset $(DEMO) --user 7 -k 10
 
 # The seconds-long dataset of configs/tiny.yaml (smoke runs, e.g. under deepspeed or SLURM).
 tiny: $(STAMP)

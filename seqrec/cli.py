@@ -1,4 +1,4 @@
-"""`seqrec` command line: synth, prepare, inspect, train."""
+"""`seqrec` command line: synth, prepare, inspect, train, export, recommend."""
 
 from __future__ import annotations
 
@@ -80,7 +80,29 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     train.set_defaults(run=_run_train)
 
-    for command in (synth, prepare, inspect, train):
+    export = commands.add_parser("export", help="write a run's model (or a checkpoint) as a standard Hugging Face directory")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("out_dir", type=Path)
+    export.add_argument("--checkpoint", metavar="auto|DIR", help="export a DeepSpeed checkpoint instead of the run's final best model")
+    export.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    export.set_defaults(run=_run_export)
+
+    recommend = commands.add_parser("recommend", help="top-K items for item histories, from an exported model")
+    recommend.add_argument("--model", type=Path, required=True, help="directory written by `seqrec export` (or a run's model/)")
+    source = recommend.add_mutually_exclusive_group(required=True)
+    source.add_argument("--history", help="original item ids, oldest first, separated by spaces")
+    source.add_argument("--input", type=Path, help="one history per line (original ids separated by spaces)")
+    source.add_argument("--user", help="an original user id of --dataset: recommend after that user's whole history")
+    recommend.add_argument("--dataset", type=Path, help="with --user: the prepared dataset the user comes from")
+    recommend.add_argument("-k", type=int, default=10, help="how many items (default 10)")
+    recommend.add_argument("--output", type=Path, help="with --input: JSONL file to write (default: stdout)")
+    recommend.add_argument("--skip-unknown", action="store_true", help="drop unknown item ids with a warning instead of failing")
+    recommend.add_argument("--include-history", action="store_true", help="allow items already in the history")
+    recommend.add_argument("--batch-size", type=int, default=256)
+    recommend.add_argument("--device", default="cpu")
+    recommend.set_defaults(run=_run_recommend)
+
+    for command in (synth, prepare, inspect, train, export, recommend):
         command.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bars")
     return parser
 
@@ -138,6 +160,68 @@ def _run_train(args: argparse.Namespace) -> None:
     from seqrec.train import run
 
     run(load_config(args.config, args.overrides), resume=args.resume)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from seqrec.export import export
+
+    out = export(args.run_dir, args.out_dir, args.checkpoint, args.force)
+    print(f"exported {args.run_dir} to {out}")
+
+
+def _run_recommend(args: argparse.Namespace) -> None:
+    import json
+
+    from seqrec.atomic import atomic_file
+    from seqrec.errors import ConfigError, InputError
+    from seqrec.recommend import Recommender
+
+    if args.k < 1:
+        raise ConfigError(f"-k: must be >= 1, got {args.k}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    recommender = Recommender(args.model, args.device)
+    exclude = not args.include_history
+    if args.user is not None:
+        from seqrec.data.prepared import PreparedDataset
+
+        if args.dataset is None:
+            raise ConfigError("--user needs --dataset, the prepared dataset the user comes from")
+        args.history = " ".join(PreparedDataset.open(args.dataset).user_history(args.user))
+        print(f"user {args.user}: history (oldest first) {args.history}")
+    if args.history is not None:
+        history = recommender.to_items(args.history.split(), "--history", args.skip_unknown)
+        if not history:
+            raise InputError("--history", "no known item ids")
+        print(f"{'rank':>4}  {'item':<12} {'score':>9}  title")
+        for rank, rec in enumerate(recommender.recommend([history], args.k, exclude)[0], start=1):
+            print(f"{rank:>4}  {rec.item:<12} {rec.score:9.4f}  {rec.title}")
+        return
+    try:
+        lines = args.input.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(str(args.input), f"cannot be read ({exc})") from exc
+    parsed = [(number, line.split()) for number, line in enumerate(lines, start=1)]
+    known = {number: recommender.to_items(raw, f"{args.input}:{number}", args.skip_unknown) for number, raw in parsed}
+    rows = []
+    for start in range(0, len(parsed), args.batch_size):
+        chunk = parsed[start : start + args.batch_size]
+        scorable = [number for number, _ in chunk if known[number]]
+        results = dict(zip(scorable, recommender.recommend([known[n] for n in scorable], args.k, exclude))) if scorable else {}
+        for number, raw in chunk:
+            row = {"line": number, "history": raw, "recommendations": [
+                {"item": r.item, "title": r.title, "score": round(r.score, 6)} for r in results.get(number, [])
+            ]}
+            if number not in results:
+                row["error"] = "no known item ids"
+            rows.append(row)
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if args.output is None:
+        sys.stdout.write(text)
+        return
+    with atomic_file(args.output) as handle:
+        handle.write(text)
+    print(f"wrote {len(rows)} recommendation lists to {args.output}")
 
 
 def default_output(source: Path) -> Path:

@@ -87,7 +87,7 @@ class SeqRecModel(nn.Module):
         transformed = head.transform(hidden)
         return F.linear(transformed, self.item_embeddings(), head.bias[self.vocab.item_rows])
 
-    def save_pretrained(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    def save_pretrained(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None, max_len: int | None = None) -> None:
         """A plain HF directory; `state_dict` (keys as in this module's state_dict) replaces the
         live weights, e.g. consolidated ZeRO-3 weights whose live parameters are partitioned."""
         directory = Path(directory)
@@ -100,6 +100,7 @@ class SeqRecModel(nn.Module):
             "first_item_token": self.vocab.first_item_token,
             "item_token_format": ITEM_TOKEN_FORMAT,
             "attention": "causal" if self.causal else "bidirectional",
+            "max_len": max_len or self.max_positions,
         }, indent=2) + "\n")
 
 

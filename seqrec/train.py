@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from seqrec import checkpoint, distributed, progress
 from seqrec.atomic import atomic_file
 from seqrec.config import EvalConfig, JobConfig
-from seqrec.data.prepared import PreparedDataset
+from seqrec.data.prepared import ITEMS_FILE, PreparedDataset
 from seqrec.data.stream import StreamOptions, batches_per_rank, sequence_loader
 from seqrec.distributed import DistInfo
 from seqrec.errors import ConfigError
@@ -331,7 +332,8 @@ class _Trainer:
         metrics = None
         if info.is_main:
             popularity = popularity_baseline(self.data, config.data.max_len, config.eval)
-            self.model.save_pretrained(self.run_dir / "model", state_dict=weights)
+            self.model.save_pretrained(self.run_dir / "model", state_dict=weights, max_len=config.data.max_len)
+            shutil.copy2(self.data.root / ITEMS_FILE, self.run_dir / "model" / ITEMS_FILE)
             metrics = {
                 "name": config.name,
                 "valid": state.best_valid,

@@ -78,6 +78,21 @@ class PreparedDataset:
         rows = _read_tsv(self.root / ITEMS_FILE, 3)
         return [row[1] for row in rows], [row[2] for row in rows]
 
+    def user_history(self, original_user_id: str) -> list[str]:
+        """The whole sequence of an evaluated user, as original item ids, oldest first."""
+        users = self.user_ids()
+        try:
+            row = users.index(original_user_id)
+        except ValueError:
+            raise ShardError(f"{self.root}: unknown user {original_user_id!r} (see {USERS_FILE})") from None
+        test = self.eval_set("test")
+        position = np.searchsorted(test.users, row)
+        if position >= len(test) or test.users[position] != row:
+            raise ShardError(f"{self.root}: user {original_user_id!r} has fewer than 3 items and no evaluation history")
+        items = [*test.history[test.offsets[position] : test.offsets[position + 1]].tolist(), int(test.targets[position])]
+        originals = self.items()[0]
+        return [originals[item - 1] for item in items]
+
     def user_ids(self) -> list[str]:
         return [row[1] for row in _read_tsv(self.root / USERS_FILE, 2)]
 

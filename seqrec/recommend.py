@@ -1,0 +1,97 @@
+"""`seqrec recommend`: top-K items for histories of ORIGINAL item ids, from an exported model.
+
+Loads only safe formats: the weights from safetensors (a directory without them is refused).
+Each history (most recent `max_len - 1` items kept) gets a mask token appended (causal models:
+scored at the last item), is encoded by the plain `BertForMaskedLM`, and its MLM logits at the
+item tokens rank the full catalogue; history items are excluded unless asked otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForMaskedLM
+
+from seqrec.data.prepared import ITEMS_FILE
+from seqrec.errors import InputError, SeqrecError
+from seqrec.export import read_items_meta
+from seqrec.model import _quiet_transformers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Recommendation:
+    item: str
+    title: str
+    score: float
+
+
+class Recommender:
+    def __init__(self, model_dir: Path, device: str = "cpu"):
+        model_dir = Path(model_dir)
+        meta = read_items_meta(model_dir)
+        if not (model_dir / "model.safetensors").is_file():
+            raise SeqrecError(f"{model_dir}: no model.safetensors; seqrec loads weights from safetensors only")
+        with _quiet_transformers():
+            self.model = AutoModelForMaskedLM.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
+        self.device = torch.device(device)
+        self.first_token = int(meta["first_item_token"])
+        self.num_items = int(meta["num_items"])
+        self.causal = meta.get("attention") == "causal"
+        self.max_len = min(int(meta.get("max_len") or self.model.config.max_position_embeddings), self.model.config.max_position_embeddings)
+        self.mask_token = _mask_token_id(model_dir)
+        self.original_ids, self.titles = _read_items(model_dir / ITEMS_FILE, self.num_items)
+        self.index = {original: item for item, original in enumerate(self.original_ids, start=1)}
+
+    def to_items(self, history: list[str], where: str, skip_unknown: bool) -> list[int]:
+        unknown = [item for item in history if item not in self.index]
+        if unknown and not skip_unknown:
+            raise InputError(where, f"unknown item ids {sorted(set(unknown))[:20]} (pass --skip-unknown to drop them)")
+        if unknown:
+            log.warning("%s: dropped unknown item ids %s", where, sorted(set(unknown))[:20])
+        return [self.index[item] for item in history if item in self.index]
+
+    @torch.no_grad()
+    def recommend(self, histories: list[list[int]], k: int, exclude_history: bool = True) -> list[list[Recommendation]]:
+        keep = self.max_len if self.causal else self.max_len - 1
+        rows = [history[-keep:] for history in histories]
+        width = max(1, max(len(row) + (0 if self.causal else 1) for row in rows))
+        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        positions = torch.zeros(len(rows), dtype=torch.long)
+        for index, row in enumerate(rows):
+            ids = [item + self.first_token - 1 for item in row] + ([] if self.causal else [self.mask_token])
+            tokens[index, : len(ids)] = torch.tensor(ids)
+            positions[index] = max(len(ids) - 1, 0)
+        tokens = tokens.to(self.device)
+        hidden = self.model.bert(input_ids=tokens, attention_mask=(tokens != 0).long()).last_hidden_state
+        gathered = hidden[torch.arange(len(rows), device=self.device), positions.to(self.device)]
+        scores = self.model.cls.predictions(gathered)[:, self.first_token : self.first_token + self.num_items].float()
+        if exclude_history:
+            for index, history in enumerate(histories):
+                if history:
+                    scores[index, torch.tensor(history, device=self.device) - 1] = float("-inf")
+        top = torch.topk(scores, min(k, self.num_items), dim=1)
+        return [
+            [Recommendation(self.original_ids[item], self.titles[item], float(score))
+             for score, item in zip(values.tolist(), items.tolist()) if score != float("-inf")]
+            for values, items in zip(top.values, top.indices)
+        ]
+
+
+def _read_items(path: Path, num_items: int) -> tuple[list[str], list[str]]:
+    if not path.is_file():
+        raise SeqrecError(f"{path}: missing; export the model with `seqrec export`")
+    rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()[1:]]
+    if len(rows) != num_items:
+        raise SeqrecError(f"{path}: {len(rows)} items, the model has {num_items}")
+    return [row[1] for row in rows], [row[2] if len(row) > 2 else "" for row in rows]
+
+
+def _mask_token_id(model_dir: Path) -> int:
+    from transformers import AutoTokenizer
+
+    return int(AutoTokenizer.from_pretrained(model_dir).mask_token_id)

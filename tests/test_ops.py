@@ -1,0 +1,143 @@
+"""Operations: wandb round trip, export (final model and checkpoints), recommend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM
+
+from seqrec.config import load_config
+from seqrec.recommend import Recommender
+from seqrec.tracking import flatten, read_offline_history, wandb_mode
+from seqrec.train import run
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def titled_dataset(tmp_path_factory):
+    """A small log whose items have titles and string ids, prepared like a user's own data."""
+    from seqrec.cli import main
+
+    root = tmp_path_factory.mktemp("titled")
+    assert main(["synth", "--preset", "tiny", "--out", str(root / "log.csv"), "--quiet"]) == 0
+    lines = (root / "log.csv").read_text().splitlines()
+    header, rows = lines[0].replace('"', "").split(","), [line.split(",") for line in lines[1:]]
+    item_col = header.index("item_id")
+    for row in rows:
+        row[item_col] = f"sku-{row[item_col]}"
+    (root / "log.csv").write_text("\n".join([",".join(header), *(",".join(row) for row in rows)]) + "\n")
+    items = sorted({row[item_col] for row in rows})
+    (root / "titles.tsv").write_text("".join(f"{item}\tProduct {item.upper()}\n" for item in items))
+    out = root / "prepared"
+    assert main(["prepare", str(root / "log.csv"), "--out", str(out), "--titles", str(root / "titles.tsv"), "--shard-size", "60", "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(titled_dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    config = load_config(REPO / "configs" / "tiny.yaml", [
+        f"data.dataset={titled_dataset}", f"run_dir={run_dir}", "train.epochs=2", "train.log_every=3",
+        "train.checkpoint_every=5", "tracking.wandb=offline",
+    ])
+    return run(config)
+
+
+def test_wandb_offline_history_equals_metrics_jsonl(trained_run):
+    run_files = list((trained_run.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1
+    logged = [row for row in read_offline_history(run_files[0]) if "final_metrics/_type" not in row]
+    local = [flatten(json.loads(line)) for line in (trained_run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == local
+    assert any("loss_tail" in row and "grad_norm" in row and "sequences_per_s" in row for row in logged)
+    assert any("valid/NDCG@10" in row for row in logged) and any("test/NDCG@10" in row for row in logged)
+
+
+def test_wandb_mode_is_online_only_when_logged_in(tmp_path):
+    assert wandb_mode("disabled", {}) == "disabled"
+    assert wandb_mode("auto", {}, netrc_path=tmp_path / "none") == "offline"
+    assert wandb_mode("auto", {"WANDB_API_KEY": "x" * 40}) == "online"
+    assert wandb_mode("auto", {"WANDB_MODE": "disabled", "WANDB_API_KEY": "x"}) == "disabled"
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc.chmod(0o600)
+    assert wandb_mode("auto", {}, netrc_path=netrc) == "online"
+
+
+def test_export_loads_with_plain_hf_and_recommends_with_titles(trained_run, tmp_path, cli):
+    out = tmp_path / "export"
+    result = cli("export", trained_run.run_dir, out)
+    assert result.code == 0, result.err
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "items.tsv", "seqrec_items.json"):
+        assert (out / name).is_file(), name
+    assert AutoModelForMaskedLM.from_pretrained(out).config.vocab_size > 5
+
+    history = "sku-1 sku-2 sku-3"
+    result = cli("recommend", "--model", out, "--history", history, "-k", "5")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()[1:]
+    assert len(lines) == 5 and all("Product SKU-" in line for line in lines)
+    recommended = [line.split()[1] for line in lines]
+    assert not set(recommended) & set(history.split())
+
+    result = cli("recommend", "--model", out, "--history", "sku-1 nope-9 sku-2 zzz", "-k", "5")
+    assert result.code == 2 and "unknown item ids ['nope-9', 'zzz']" in result.err
+    assert cli("recommend", "--model", out, "--history", "sku-1 nope-9", "-k", "3", "--skip-unknown").code == 0
+
+
+def test_recommend_file_input_writes_jsonl(trained_run, tmp_path, cli):
+    model_dir = trained_run.run_dir / "model"
+    histories = tmp_path / "histories.txt"
+    histories.write_text("sku-1 sku-2\nsku-5\nunknown-1\n")
+    output = tmp_path / "recs.jsonl"
+    result = cli("recommend", "--model", model_dir, "--input", histories, "-k", "4", "--output", output, "--skip-unknown")
+    assert result.code == 0, result.err
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["line"] for row in rows] == [1, 2, 3]
+    assert len(rows[0]["recommendations"]) == 4 and rows[0]["recommendations"][0]["title"].startswith("Product")
+    assert rows[2]["recommendations"] == [] and rows[2]["error"] == "no known item ids"
+    assert cli("recommend", "--model", model_dir, "--input", histories, "-k", "4").code == 2
+
+
+def test_recommend_scores_equal_the_training_models(trained_run, titled_dataset):
+    from seqrec.data.prepared import PreparedDataset
+    from seqrec.evaluate import model_scorer
+    from seqrec.model import MASK_ITEM, build_model
+
+    config = load_config(trained_run.run_dir / "config.yaml")
+    data = PreparedDataset.open(titled_dataset)
+    model, _ = build_model(config.model, data.num_items, config.data.max_len)
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(trained_run.run_dir / "best_weights.safetensors")))
+    model.eval()
+    history = [3, 9, 4]
+    expected = model_scorer(model, None)(torch.tensor([history + [MASK_ITEM]]))[0]
+    recommender = Recommender(trained_run.run_dir / "model")
+    recs = recommender.recommend([history], k=5, exclude_history=False)[0]
+    top = torch.topk(expected, 5)
+    assert [rec.item for rec in recs] == [recommender.original_ids[i] for i in top.indices.tolist()]
+    assert [rec.score for rec in recs] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_export_from_a_checkpoint_loads_with_plain_hf(trained_run, tmp_path, cli):
+    result = cli("export", trained_run.run_dir, tmp_path / "from-checkpoint", "--checkpoint", "auto")
+    assert result.code == 0, result.err
+    exported = AutoModelForMaskedLM.from_pretrained(tmp_path / "from-checkpoint")
+    assert (tmp_path / "from-checkpoint" / "items.tsv").is_file()
+    assert exported.get_input_embeddings().weight.shape[0] > 100
+    assert cli("export", trained_run.run_dir, tmp_path / "from-checkpoint", "--checkpoint", "auto").code == 2  # exists, no --force
+
+
+def test_export_errors_name_the_problem(tmp_path, cli):
+    result = cli("export", tmp_path / "missing-run", tmp_path / "out")
+    assert result.code == 2 and "no such run directory" in result.err
+    (tmp_path / "run").mkdir()
+    result = cli("export", tmp_path / "run", tmp_path / "out")
+    assert result.code == 2 and "no final model" in result.err
+    result = cli("recommend", "--model", tmp_path / "run", "--history", "1")
+    assert result.code == 2 and "not a seqrec model" in result.err
+    assert not (tmp_path / "out").exists()
