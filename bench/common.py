@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -31,10 +32,11 @@ def versions() -> dict[str, str]:
     import seqrec
 
     found = {"python": platform.python_version(), "seqrec": seqrec.__version__, "numpy": numpy.__version__, "pyarrow": pyarrow.__version__}
-    for name in ("torch", "transformers", "deepspeed", "webdataset"):
-        module = sys.modules.get(name)
-        if module is not None:
-            found[name] = module.__version__
+    for name in ("torch", "transformers", "deepspeed", "webdataset", "wandb"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return found
 
 

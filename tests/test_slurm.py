@@ -1,0 +1,152 @@
+"""A real single-node SLURM cluster on 127.0.0.1 runs launcher/slurm/train.sbatch with 2 tasks.
+
+Installs Debian's slurm-wlm and munge when missing (root + apt-get), starts munged, slurmctld and
+slurmd by hand with a config under a temp dir, submits with `sbatch --wait`, and stops the
+daemons by PID. Skips with the reason where that is impossible, unless SEQREC_REQUIRE_SLURM=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+DAEMONS = ("sbatch", "scontrol", "slurmctld", "slurmd", "munged")
+
+
+def _unavailable(reason: str):
+    if os.environ.get("SEQREC_REQUIRE_SLURM") == "1":
+        pytest.fail(reason + "; SEQREC_REQUIRE_SLURM=1 makes this a failure")
+    pytest.skip(reason)
+
+
+def _ensure_installed() -> None:
+    if all(shutil.which(name) or Path("/usr/sbin", name).exists() for name in DAEMONS):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        _unavailable("SLURM is not installed and apt-get as root is not available to install slurm-wlm and munge")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"]):
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        if result.returncode != 0:
+            _unavailable(f"installing slurm-wlm and munge failed: {result.stderr[-500:]}")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _binary(name: str) -> str:
+    return shutil.which(name) or str(Path("/usr/sbin") / name)
+
+
+def _alive(pid_file: Path) -> bool:
+    try:
+        os.kill(int(pid_file.read_text().strip()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+@contextmanager
+def slurm_cluster(root: Path):
+    """munged + slurmctld + slurmd on 127.0.0.1, one node with 2 CPUs; yields the environment for sbatch."""
+    for sub in ("state", "spool", "munge"):
+        (root / sub).mkdir(parents=True)
+    key = root / "munge" / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o600)
+    munge_socket = root / "munge" / "munge.socket"
+    conf = root / "slurm.conf"
+    conf.write_text(f"""
+ClusterName=seqrectest
+SlurmctldHost=localhost(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={munge_socket}
+StateSaveLocation={root / 'state'}
+SlurmdSpoolDir={root / 'spool'}
+SlurmctldPidFile={root / 'slurmctld.pid'}
+SlurmdPidFile={root / 'slurmd.pid'}
+SlurmctldLogFile={root / 'slurmctld.log'}
+SlurmdLogFile={root / 'slurmd.log'}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+MpiDefault=none
+ReturnToService=2
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+MailProg=/bin/true
+JobAcctGatherType=jobacct_gather/none
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+""")
+    env = dict(os.environ, SLURM_CONF=str(conf))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    pid_files = [root / "munged.pid", root / "slurmctld.pid", root / "slurmd.pid"]
+    try:
+        subprocess.run([
+            _binary("munged"), "--force", f"--socket={munge_socket}", f"--key-file={key}", f"--pid-file={pid_files[0]}",
+            f"--log-file={root / 'munged.log'}", f"--seed-file={root / 'munge' / 'seed'}",
+        ], check=True, env=env, capture_output=True, timeout=60)
+        subprocess.run([_binary("slurmctld"), "-i"], check=True, env=env, capture_output=True, timeout=60)
+        subprocess.run([_binary("slurmd"), "-N", "localhost"], check=True, env=env, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip()
+            if state in ("idle", "mixed", "allocated"):
+                break
+            if not all(_alive(pid_file) for pid_file in pid_files):
+                break
+            time.sleep(0.5)
+        if state not in ("idle", "mixed", "allocated"):
+            raise AssertionError(f"the SLURM node never became idle (state {state!r}): {(root / 'slurmctld.log').read_text()[-2000:]}")
+        yield env
+    finally:
+        for pid_file in reversed(pid_files):
+            try:
+                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.5)
+
+
+@pytest.mark.timeout(900)
+def test_sbatch_runs_two_task_training_and_writes_checkpoint_and_metrics(tiny_dataset, tmp_path):
+    _ensure_installed()
+    run_dir = tmp_path / "run"
+    with slurm_cluster(tmp_path / "slurm") as env:
+        command = [
+            "sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={tmp_path / 'job-%j.log'}",
+            f"--chdir={REPO}", "launcher/slurm/train.sbatch", "configs/tiny.yaml",
+            "--set", f"data.dataset={tiny_dataset}", "--set", f"run_dir={run_dir}", "--set", "train.epochs=2",
+            "--set", "train.checkpoint_every=5", "--set", "tracking.wandb=disabled",
+        ]
+        env["SEQREC_PYTHON"] = str(Path(os.sys.executable))
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        logs = "".join(path.read_text() for path in tmp_path.glob("job-*.log"))
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{logs[-4000:]}"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] > 0
+    assert any((path / "COMPLETE").is_file() for path in (run_dir / "checkpoints").iterdir())
+    assert "2 process(es) (srun" in logs
