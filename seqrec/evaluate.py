@@ -96,15 +96,11 @@ def model_scorer(model: SeqRecModel, autocast_dtype: torch.dtype | None) -> Scor
     return score
 
 
-@torch.no_grad()
-def evaluate_model(model: SeqRecModel, eval_set: EvalSet, batch_size: int, max_len: int, ks, exclude_history: bool, device, autocast_dtype=None) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
-    try:
-        ranks = rank_all(model_scorer(model, autocast_dtype), eval_set, batch_size, max_len, not model.causal, exclude_history, device)
-    finally:
-        model.train(was_training)
-    return metrics_from_ranks(ranks, tuple(ks))
+def evaluate_model(model: SeqRecModel, eval_set: EvalSet, batch_size: int, max_len: int, ks, exclude_history: bool, device, autocast_dtype=None, zero3: bool = False) -> dict[str, float]:
+    """Metrics of `model`: the item-sharded evaluator, which on one process is the plain one."""
+    from seqrec.sharded_eval import evaluate_sharded
+
+    return evaluate_sharded(model, eval_set, batch_size, max_len, ks, exclude_history, device, autocast_dtype, zero3).metrics
 
 
 def evaluate_popularity(item_counts: np.ndarray, eval_set: EvalSet, batch_size: int, max_len: int, ks, exclude_history: bool) -> dict[str, float]:

@@ -193,7 +193,8 @@ class _Trainer:
         self.tracker.reset_history(state.step if resume_from is not None else None)
         valid_set, test_set = self.data.eval_set("valid"), self.data.eval_set("test")
         evaluate = lambda eval_set: evaluate_model(  # noqa: E731
-            self.model, eval_set, config.eval.batch_size, config.data.max_len, config.eval.ks, config.eval.exclude_history, self.device, self.amp
+            self.model, eval_set, config.eval.batch_size, config.data.max_len, config.eval.ks, config.eval.exclude_history, self.device, self.amp,
+            zero3=self.engine.zero_stage == 3,
         )
 
         self.engine.train()

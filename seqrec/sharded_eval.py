@@ -1,0 +1,200 @@
+"""Full-catalogue evaluation sharded by item range across ranks: exact ranks and exact top-K.
+
+Items are split into fixed blocks (`default_item_block`) and each rank owns a contiguous run of blocks.
+Per batch of users (the same batches on every rank):
+  1. users are encoded in fixed chunks of `encode_batch`, dealt round-robin to the ranks, and the
+     user vectors (the MLM head transform at the masked tail) are summed across ranks, so every
+     rank holds every user's vector;
+  2. each rank scores all users against its own item rows only, block by block, into a
+     [users, own items] buffer (the memory bound), and excludes history items in its range;
+  3. the rank that owns a user's target reads its score and an all-reduce hands it to all;
+  4. each rank counts its items scoring >= the target (pessimistic ties, as evaluate.py) and
+     keeps an exact local top-K (ties broken by lower item id); counts are summed and top-K
+     lists gathered and merged.
+Every floating-point operation has the same shapes and inputs whatever the number of ranks
+(fixed encode chunks, fixed item blocks, fixed user batches), so 1, 2 or 3 processes produce
+bit-identical scores, ranks and top-K lists. With one process this IS the evaluator.
+
+Under ZeRO-3 a rank never gathers the item table for scoring: it receives exactly its own rows
+from the flat parameter partitions that hold them (one all-to-all). Encoding still runs the
+model's forward, whose input embedding lookup ZeRO-3 gathers transiently like any forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from seqrec import progress
+from seqrec.data.split import EvalSet
+from seqrec.evaluate import history_batches, metrics_from_ranks
+from seqrec.masking import tail_positions
+from seqrec.model import SeqRecModel
+
+ENCODE_BATCH = 64
+
+
+def default_item_block(num_items: int) -> int:
+    """About 64 blocks per catalogue (balanced up to 64 ranks), 256..16384 items each. A function
+    of the catalogue only: the same blocks, hence the same sums, on any number of ranks."""
+    return min(16384, max(256, -(-num_items // 64)))
+
+
+@dataclass
+class EvalOutput:
+    metrics: dict[str, float]
+    ranks: np.ndarray  # [users] 1-based pessimistic rank of each target
+    top_items: np.ndarray  # [users, K] item ids (1-based), best first, ties by lower id
+    top_scores: np.ndarray  # [users, K]
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def item_range(num_items: int, rank: int, world: int, block: int) -> tuple[int, int]:
+    """[lo, hi) of 0-based item indices owned by `rank`: a contiguous run of whole blocks."""
+    blocks = -(-num_items // block)
+    first, last = rank * blocks // world, (rank + 1) * blocks // world
+    return min(first * block, num_items), min(last * block, num_items)
+
+
+def own_item_rows(model: SeqRecModel, lo: int, hi: int, zero3: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 item embedding rows and decoder bias of items [lo, hi), without the whole table."""
+    embedding, bias = model.scoring_parameters()
+    rows = slice(model.vocab.first_item_token + lo, model.vocab.first_item_token + hi)
+    if not zero3:
+        return embedding.detach()[rows].float(), bias.detach()[rows].float()
+    return _partitioned_rows(embedding, rows).float(), _partitioned_rows(bias, rows).float()
+
+
+def _partitioned_rows(parameter: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Rows `rows` of a ZeRO-3 parameter, assembled from the flat partitions that hold them."""
+    if parameter.numel() == parameter.ds_numel:  # currently whole here (a persistent, already gathered parameter)
+        return parameter.detach()[rows]
+    rank, world = _world()
+    shape = tuple(parameter.ds_shape)
+    width = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    partition = parameter.ds_tensor.numel()
+    lo_hi = torch.tensor([rows.start * width, rows.stop * width], dtype=torch.int64)
+    gathered = [torch.zeros_like(lo_hi) for _ in range(world)]
+    dist.all_gather(gathered, lo_hi)
+    wanted = [(int(a), int(b)) for a, b in gathered]
+    mine = (rank * partition, rank * partition + partition)
+    send = [max(0, min(b, mine[1]) - max(a, mine[0])) for a, b in wanted]
+    pieces = [parameter.ds_tensor.detach()[max(a, mine[0]) - mine[0] : max(a, mine[0]) - mine[0] + count] for (a, _), count in zip(wanted, send)]
+    sources = [(s * partition, s * partition + partition) for s in range(world)]
+    receive = [max(0, min(rows.stop * width, end) - max(rows.start * width, start)) for start, end in sources]
+    output = torch.empty(sum(receive), dtype=parameter.ds_tensor.dtype, device=parameter.ds_tensor.device)
+    dist.all_to_all_single(output, torch.cat(pieces), output_split_sizes=receive, input_split_sizes=send)
+    return output.view(rows.stop - rows.start, *shape[1:]) if len(shape) > 1 else output
+
+
+def _user_vectors(model: SeqRecModel, items: torch.Tensor, encode_batch: int, lockstep: bool, autocast_dtype) -> torch.Tensor:
+    """Transformed tail states of every row of `items`, computed in chunks dealt round-robin."""
+    rank, world = _world()
+    hidden_size = model.mlm.config.hidden_size
+    vectors = torch.zeros(items.shape[0], hidden_size, device=items.device, dtype=torch.float32)
+    starts = list(range(0, items.shape[0], encode_batch))
+    mine = starts[rank::world]
+    rounds = -(-len(starts) // world) if lockstep else len(mine)
+    head = model.mlm.cls.predictions.transform
+    for turn in range(rounds):
+        # ZeRO-3 gathers parameters inside forward hooks, a collective: ranks without a chunk
+        # this round run a one-row dummy so all of them call forward equally often.
+        start = mine[turn] if turn < len(mine) else None
+        chunk = items[start : start + encode_batch] if start is not None else items[:1]
+        chunk = chunk[:, : max(int((chunk != 0).sum(dim=1).max()), 1)]
+        with torch.autocast(items.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            hidden = model.encode(chunk)
+            rows = torch.arange(chunk.shape[0], device=items.device)
+            transformed = head(hidden[rows, tail_positions(chunk)]).float()
+        if start is not None:
+            vectors[start : start + chunk.shape[0]] = transformed
+    if world > 1:
+        dist.all_reduce(vectors)  # each row is non-zero on exactly one rank: the sum is exact
+    return vectors
+
+
+def _exact_top_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row by (score desc, id asc); `ids` ascend along the row."""
+    k = min(k, scores.shape[1])
+    if k == 0:
+        return scores[:, :0], ids.expand(scores.shape[0], -1)[:, :0]
+    kth = torch.topk(scores, k, dim=1).values[:, -1:]
+    above = scores > kth
+    ties = scores == kth
+    need = k - above.sum(dim=1, keepdim=True)
+    chosen = above | (ties & (torch.cumsum(ties.int(), dim=1) <= need))
+    picked_scores = scores[chosen].view(scores.shape[0], k)
+    picked_ids = ids.expand_as(scores)[chosen].view(scores.shape[0], k)
+    order = torch.sort(picked_scores, dim=1, descending=True, stable=True).indices
+    return picked_scores.gather(1, order), picked_ids.gather(1, order)
+
+
+@torch.no_grad()
+def evaluate_sharded(
+    model: SeqRecModel, eval_set: EvalSet, batch_size: int, max_len: int, ks, exclude_history: bool, device,
+    autocast_dtype=None, zero3: bool = False, item_block: int | None = None, encode_batch: int = ENCODE_BATCH,
+) -> EvalOutput:
+    rank, world = _world()
+    num_items, top_k = model.vocab.num_items, max(ks)
+    item_block = item_block or default_item_block(num_items)
+    lo, hi = item_range(num_items, rank, world, item_block)
+    was_training = model.training
+    model.eval()
+    try:
+        item_rows, item_bias = own_item_rows(model, lo, hi, zero3)
+        own_ids = torch.arange(lo + 1, hi + 1, device=device).unsqueeze(0)
+        all_ranks, all_top_items, all_top_scores = [], [], []
+        bar = progress.bar(total=-(-len(eval_set) // batch_size), desc="evaluating", unit="batch")
+        for items, targets, history in history_batches(eval_set, batch_size, max_len, append_mask=not model.causal):
+            bar.update()
+            items, targets = items.to(device), targets.to(device)
+            vectors = _user_vectors(model, items, encode_batch, zero3, autocast_dtype)
+            scores = torch.empty(items.shape[0], hi - lo, device=device)
+            for start in range(0, hi - lo, item_block):
+                stop = min(start + item_block, hi - lo)
+                scores[:, start:stop] = torch.addmm(item_bias[start:stop], vectors, item_rows[start:stop].T)
+            users = torch.arange(items.shape[0], device=device)
+            local_target = targets - 1 - lo
+            owned = (local_target >= 0) & (local_target < hi - lo)
+            if exclude_history:
+                history = history.to(device)
+                local = history - 1 - lo
+                inside = (history > 0) & (local >= 0) & (local < hi - lo) & (history != targets.unsqueeze(1))
+                rows = users.unsqueeze(1).expand_as(history)[inside]
+                scores[rows, local[inside]] = float("-inf")
+            target_scores = torch.where(owned, scores[users, local_target.clamp(0, max(hi - lo - 1, 0))] if hi > lo else 0.0, 0.0)
+            counts = (scores >= target_scores.unsqueeze(1)).sum(dim=1)
+            top_scores, top_items = _exact_top_k(scores, own_ids, top_k)
+            if top_scores.shape[1] < top_k:  # fewer own items than K: pad with sentinels that sort last
+                pad = top_k - top_scores.shape[1]
+                top_scores = torch.cat([top_scores, torch.full((items.shape[0], pad), float("-inf"), device=device)], dim=1)
+                top_items = torch.cat([top_items, torch.full((items.shape[0], pad), num_items + 1, device=device, dtype=top_items.dtype)], dim=1)
+            if world > 1:
+                dist.all_reduce(target_scores)  # only the owner contributes; exact
+                counts = (scores >= target_scores.unsqueeze(1)).sum(dim=1)
+                dist.all_reduce(counts)
+                gathered_scores = [torch.empty_like(top_scores) for _ in range(world)]
+                gathered_items = [torch.empty_like(top_items) for _ in range(world)]
+                dist.all_gather(gathered_scores, top_scores.contiguous())
+                dist.all_gather(gathered_items, top_items.contiguous())
+                merged_scores, merged_items = torch.cat(gathered_scores, 1), torch.cat(gathered_items, 1)
+                by_id = torch.sort(merged_items, dim=1, stable=True).indices
+                top_scores, top_items = _exact_top_k(merged_scores.gather(1, by_id), merged_items.gather(1, by_id), top_k)
+            all_ranks.append(counts.cpu())
+            all_top_items.append(top_items.cpu())
+            all_top_scores.append(top_scores.cpu())
+        bar.close()
+    finally:
+        model.train(was_training)
+    ranks = torch.cat(all_ranks).numpy() if all_ranks else np.zeros(0, dtype=np.int64)
+    top_items = torch.cat(all_top_items).numpy() if all_top_items else np.zeros((0, top_k), dtype=np.int64)
+    top_scores = torch.cat(all_top_scores).numpy() if all_top_scores else np.zeros((0, top_k), dtype=np.float32)
+    return EvalOutput(metrics_from_ranks(ranks, tuple(ks)), ranks, top_items, top_scores)
