@@ -124,17 +124,35 @@ def _user_vectors(model: SeqRecModel, items: torch.Tensor, encode_batch: int, lo
 def _exact_top_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row by (score desc, id asc); `ids` ascend along the row."""
     k = min(k, scores.shape[1])
+    ids = ids.expand(scores.shape[0], -1)
     if k == 0:
-        return scores[:, :0], ids.expand(scores.shape[0], -1)[:, :0]
-    kth = torch.topk(scores, k, dim=1).values[:, -1:]
-    above = scores > kth
-    ties = scores == kth
-    need = k - above.sum(dim=1, keepdim=True)
-    chosen = above | (ties & (torch.cumsum(ties.int(), dim=1) <= need))
-    picked_scores = scores[chosen].view(scores.shape[0], k)
-    picked_ids = ids.expand_as(scores)[chosen].view(scores.shape[0], k)
-    order = torch.sort(picked_scores, dim=1, descending=True, stable=True).indices
-    return picked_scores.gather(1, order), picked_ids.gather(1, order)
+        return scores[:, :0], ids[:, :0]
+    # One extra value shows where a tie straddles the cut; only such rows need the exact (slower)
+    # selection, since topk may pick any of several equal scores.
+    probe = torch.topk(scores, min(k + 1, scores.shape[1]), dim=1)
+    values, positions = probe.values[:, :k], probe.indices[:, :k]
+    straddling = (probe.values[:, k] == probe.values[:, k - 1]) if probe.values.shape[1] > k else torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+    picked_ids = ids.gather(1, positions)
+    rows = torch.nonzero(straddling).flatten()
+    if len(rows):
+        subset = scores[rows]
+        kth = values[rows, -1:]
+        above, ties = subset > kth, subset == kth
+        need = k - above.sum(dim=1, keepdim=True)
+        chosen = above | (ties & (torch.cumsum(ties.int(), dim=1) <= need))
+        values[rows] = subset[chosen].view(len(rows), k)
+        picked_ids[rows] = ids[rows][chosen].view(len(rows), k)
+    by_id = torch.sort(picked_ids, dim=1, stable=True).indices
+    values, picked_ids = values.gather(1, by_id), picked_ids.gather(1, by_id)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    return values.gather(1, order), picked_ids.gather(1, order)
+
+
+def _merge_top_k(scores: list[torch.Tensor], ids: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of the union of per-part top-k lists (each part's list holds its exact top-k)."""
+    merged_scores, merged_ids = torch.cat(scores, 1), torch.cat(ids, 1)
+    by_id = torch.sort(merged_ids, dim=1, stable=True).indices
+    return _exact_top_k(merged_scores.gather(1, by_id), merged_ids.gather(1, by_id), k)
 
 
 @torch.no_grad()
@@ -160,7 +178,8 @@ def evaluate_sharded(
             scores = torch.empty(items.shape[0], hi - lo, device=device)
             for start in range(0, hi - lo, item_block):
                 stop = min(start + item_block, hi - lo)
-                scores[:, start:stop] = torch.addmm(item_bias[start:stop], vectors, item_rows[start:stop].T)
+                # Straight into the strided slice (BLAS writes with a leading dimension): no copy.
+                torch.addmm(item_bias[start:stop], vectors, item_rows[start:stop].T, out=scores[:, start:stop])
             users = torch.arange(items.shape[0], device=device)
             local_target = targets - 1 - lo
             owned = (local_target >= 0) & (local_target < hi - lo)
@@ -171,23 +190,24 @@ def evaluate_sharded(
                 rows = users.unsqueeze(1).expand_as(history)[inside]
                 scores[rows, local[inside]] = float("-inf")
             target_scores = torch.where(owned, scores[users, local_target.clamp(0, max(hi - lo - 1, 0))] if hi > lo else 0.0, 0.0)
-            counts = (scores >= target_scores.unsqueeze(1)).sum(dim=1)
+            if world > 1:
+                dist.all_reduce(target_scores)  # only the owner contributes: exact
+            # Counting block by block keeps each comparison in cache (~4x faster than one pass).
+            counts = torch.zeros(items.shape[0], dtype=torch.int64, device=device)
+            for start in range(0, hi - lo, item_block):
+                counts += torch.count_nonzero(scores[:, start : start + item_block] >= target_scores.unsqueeze(1), dim=1)
             top_scores, top_items = _exact_top_k(scores, own_ids, top_k)
             if top_scores.shape[1] < top_k:  # fewer own items than K: pad with sentinels that sort last
                 pad = top_k - top_scores.shape[1]
                 top_scores = torch.cat([top_scores, torch.full((items.shape[0], pad), float("-inf"), device=device)], dim=1)
                 top_items = torch.cat([top_items, torch.full((items.shape[0], pad), num_items + 1, device=device, dtype=top_items.dtype)], dim=1)
             if world > 1:
-                dist.all_reduce(target_scores)  # only the owner contributes; exact
-                counts = (scores >= target_scores.unsqueeze(1)).sum(dim=1)
                 dist.all_reduce(counts)
                 gathered_scores = [torch.empty_like(top_scores) for _ in range(world)]
                 gathered_items = [torch.empty_like(top_items) for _ in range(world)]
                 dist.all_gather(gathered_scores, top_scores.contiguous())
                 dist.all_gather(gathered_items, top_items.contiguous())
-                merged_scores, merged_items = torch.cat(gathered_scores, 1), torch.cat(gathered_items, 1)
-                by_id = torch.sort(merged_items, dim=1, stable=True).indices
-                top_scores, top_items = _exact_top_k(merged_scores.gather(1, by_id), merged_items.gather(1, by_id), top_k)
+                top_scores, top_items = _merge_top_k(gathered_scores, gathered_items, top_k)
             all_ranks.append(counts.cpu())
             all_top_items.append(top_items.cpu())
             all_top_scores.append(top_scores.cpu())
