@@ -1,0 +1,222 @@
+"""Training-step, evaluation and data-path efficiency on this machine, one process, measured in one run.
+
+    python bench/efficiency.py [--keep-layers 2] [--batch 64] [--steps 8] [--eval-users 2048] [--quick]
+
+On the Beauty data (54,542 items) with all-MiniLM-L6-v2 (hidden 384, first K layers), bf16 autocast:
+  vs_naive_ratio           seqrec's training step (DeepSpeed engine, masking on the device, only the
+                           masked/tail rows scored against the item rows) over the recipe as usually
+                           written: HF BertForMaskedLM logits over the WHOLE vocabulary at every position,
+                           tail states copied in a Python loop, default AdamW; same batches, same dtype.
+  mfu_cpu                  achieved model FLOP/s of seqrec's step / this machine's bf16 matmul peak,
+                           measured here (model FLOPs: encoder matmuls + attention + head on the scored
+                           rows, x3 for forward + backward, over the padded batch).
+  eval_users_per_s_ratio   the item-sharded evaluator (1 process) over a naive dense evaluator (full
+                           vocabulary logits at every position, Python loop for the mask position, a
+                           full argsort per user), full-catalogue ranking of validation users.
+  reader_over_step_ratio   the streaming reader's batches/s (WebDataset shards -> padded batches, its
+                           own process like the DataLoader worker) over the training step's batches/s.
+Writes bench/results/efficiency.json and efficiency.md (merging figures other scripts add, e.g. RecBole).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, versions, write_results  # noqa: E402
+
+
+def matmul_peak(dtype, size: int = 2048, seconds: float = 2.0) -> float:
+    import torch
+
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - started)
+
+
+def step_flops(config, tokens: int, length: int, scored_rows: int, num_items: int) -> float:
+    hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    encoder = tokens * layers * 2 * (4 * hidden * hidden + 2 * hidden * inner + 2 * length * hidden)
+    head = scored_rows * 2 * (hidden * hidden + num_items * hidden)
+    return 3.0 * (encoder + head)
+
+
+def timed(function, batches, warmup: int = 2) -> float:
+    for batch in batches[:warmup]:
+        function(batch)
+    started = time.perf_counter()
+    for batch in batches[warmup:]:
+        function(batch)
+    return (time.perf_counter() - started) / max(1, len(batches) - warmup)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep-layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per recipe (after 2 warm-up steps)")
+    parser.add_argument("--eval-users", type=int, default=2048)
+    parser.add_argument("--naive-eval-users", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 256 users; figures not kept")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.eval_users, args.naive_eval_users = 3, 256, 64
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from quality import prepared
+    from seqrec import distributed
+    from seqrec.config import load_config
+    from seqrec.data.prepared import PreparedDataset
+    from seqrec.data.split import EvalSet
+    from seqrec.data.stream import StreamOptions, sequence_loader
+    from seqrec.engine import TrainingEngine, plan_batches
+    from seqrec.evaluate import history_batches, metrics_from_ranks
+    from seqrec.losses import MaskedItemObjective
+    from seqrec.masking import IGNORE_LABEL, mask_from_draws
+    from seqrec.model import build_model
+    from seqrec.sharded_eval import evaluate_sharded
+    from seqrec.train import optimizer_step
+
+    distributed.init("cpu", timeout_minutes=30)
+    root, max_len, _ = prepared("beauty")
+    data = PreparedDataset.open(root)
+    config = load_config(None, [
+        "model.pretrained=minilm", f"model.keep_layers={args.keep_layers}", f"data.max_len={max_len}",
+        f"train.batch_size={args.batch}", "train.precision=bf16", "train.device=cpu", "model.dropout=0.0",
+    ])
+    options = StreamOptions(max_len, shuffle_buffer=2000, seed=0)
+    batches = []
+    for batch in sequence_loader(data.sequences(options), options, args.batch, num_workers=0):
+        batches.append(batch.items)
+        if len(batches) == args.steps + 2:
+            break
+    generator = torch.Generator().manual_seed(0)
+    draws = [torch.rand(items.shape, generator=generator) for items in batches]
+    peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
+
+    # seqrec: the product's training step.
+    torch.manual_seed(0)
+    model, _ = build_model(config.model, data.num_items, max_len)
+    engine = TrainingEngine(MaskedItemObjective(model, config.loss.mask_prob), config, plan_batches(config, 1), 10**6, torch.bfloat16)
+    pairs = list(zip(batches, draws))
+    seqrec_step = timed(lambda pair: optimizer_step(engine, [pair[0]], [pair[1]], (1.0, 1.0), 1), pairs)
+    timed_pairs = pairs[2:]
+    sequences = sum(items.shape[0] for items, _ in timed_pairs) / len(timed_pairs)
+    tokens = sum(items.numel() for items, _ in timed_pairs) / len(timed_pairs)
+    length = sum(items.shape[1] for items, _ in timed_pairs) / len(timed_pairs)
+    scored = sum(int((mask_from_draws(items, d, 0.3).labels != IGNORE_LABEL).sum()) for items, d in timed_pairs) / len(timed_pairs)
+    flops = step_flops(model.mlm.config, tokens, length, scored, data.num_items)
+    del engine
+
+    # naive: full-vocabulary logits everywhere, Python-loop tail gather, default AdamW.
+    torch.manual_seed(0)
+    naive_model, _ = build_model(config.model, data.num_items, max_len)
+    mlm, vocab = naive_model.mlm, naive_model.vocab
+    optimizer = torch.optim.AdamW(mlm.parameters(), lr=1e-3)
+
+    def naive_step(pair):
+        items, batch_draws = pair
+        masked = mask_from_draws(items, batch_draws, 0.3)
+        tokens_in = vocab.tokens(masked.inputs)
+        labels = torch.where(masked.labels != IGNORE_LABEL, vocab.tokens(masked.labels.clamp(min=0)), IGNORE_LABEL)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mlm(input_ids=tokens_in, attention_mask=(items != 0).long(), output_hidden_states=True)
+            masked_loss = F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]), labels.view(-1))
+            last = out.hidden_states[-1]
+            tails = torch.stack([last[row, int(masked.tail[row])] for row in range(items.shape[0])])
+            tail_logits = mlm.cls.predictions(tails)[:, vocab.item_rows].float()
+            tail_loss = F.cross_entropy(tail_logits, items[torch.arange(items.shape[0]), masked.tail] - 1)
+        optimizer.zero_grad()
+        (masked_loss + tail_loss).backward()
+        torch.nn.utils.clip_grad_norm_(mlm.parameters(), 1.0)
+        optimizer.step()
+
+    naive_seconds = timed(naive_step, pairs)
+    del optimizer
+
+    # Evaluation: item-sharded evaluator vs a naive dense one, on the first validation users.
+    valid = data.eval_set("valid")
+
+    def subset(eval_set: EvalSet, users: int) -> EvalSet:
+        users = min(users, len(eval_set))
+        end = int(eval_set.offsets[users])
+        return EvalSet(eval_set.users[:users], eval_set.offsets[: users + 1], eval_set.history[:end], eval_set.targets[:users])
+
+    fast_set, naive_set = subset(valid, args.eval_users), subset(valid, args.naive_eval_users)
+    started = time.perf_counter()
+    fast = evaluate_sharded(naive_model, fast_set, 256, max_len, (1, 5, 10, 20), True, torch.device("cpu"), torch.bfloat16)
+    fast_users_per_s = len(fast_set) / (time.perf_counter() - started)
+
+    @torch.no_grad()
+    def naive_evaluate(eval_set: EvalSet) -> np.ndarray:
+        mlm.eval()
+        ranks = []
+        for items, targets, history in history_batches(eval_set, 256, max_len, append_mask=True):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = mlm(input_ids=vocab.tokens(items), attention_mask=(items != 0).long()).logits.float()
+            for row in range(items.shape[0]):
+                position = int((items[row] != 0).sum()) - 1
+                scores = logits[row, position, vocab.item_rows].clone()
+                seen = history[row][history[row] > 0] - 1
+                seen = seen[seen != targets[row] - 1]
+                scores[seen] = float("-inf")
+                order = torch.argsort(scores, descending=True, stable=True)
+                ranks.append(int((order == targets[row] - 1).nonzero()) + 1)
+        return np.array(ranks)
+
+    started = time.perf_counter()
+    naive_ranks = naive_evaluate(naive_set)
+    naive_users_per_s = len(naive_set) / (time.perf_counter() - started)
+    fast_small = evaluate_sharded(naive_model, naive_set, 256, max_len, (10,), True, torch.device("cpu"), torch.bfloat16)
+
+    # Data path: the reader alone over a full epoch of the training shards.
+    started, read_batches = time.perf_counter(), 0
+    for _ in sequence_loader(data.sequences(options, epoch=1), options, args.batch, num_workers=0):
+        read_batches += 1
+    reader_batches_per_s = read_batches / (time.perf_counter() - started)
+
+    results = {
+        "vs_naive_ratio": round(naive_seconds / seqrec_step, 2),
+        "mfu_cpu": round(flops / seqrec_step / peak_bf16, 3),
+        "eval_users_per_s_ratio": round(fast_users_per_s / naive_users_per_s, 2),
+        "reader_over_step_ratio": round(reader_batches_per_s * seqrec_step, 2),
+        "details": {
+            "model": f"all-MiniLM-L6-v2, first {args.keep_layers} layers, hidden {model.mlm.config.hidden_size}, {data.num_items} items (Beauty)",
+            "batch": args.batch, "mean_padded_length": round(length, 1), "mean_scored_rows": round(scored, 1),
+            "seqrec_step_s": round(seqrec_step, 4), "naive_step_s": round(naive_seconds, 4),
+            "seqrec_sequences_per_s": round(sequences / seqrec_step, 1), "naive_sequences_per_s": round(sequences / naive_seconds, 1),
+            "model_gflop_per_step": round(flops / 1e9, 2), "achieved_gflop_per_s": round(flops / seqrec_step / 1e9, 1),
+            "peak_bf16_gflop_per_s": round(peak_bf16 / 1e9, 1), "peak_fp32_gflop_per_s": round(peak_fp32 / 1e9, 1),
+            "mfu_vs_fp32_peak": round(flops / seqrec_step / peak_fp32, 3),
+            "eval_users_per_s": round(fast_users_per_s, 1), "naive_eval_users_per_s": round(naive_users_per_s, 1),
+            "eval_users": len(fast_set), "naive_eval_users": len(naive_set),
+            "naive_and_seqrec_agree_NDCG@10": [round(metrics_from_ranks(naive_ranks, (10,))["NDCG@10"], 6), round(fast_small.metrics["NDCG@10"], 6)],
+            "reader_batches_per_s": round(reader_batches_per_s, 1), "step_batches_per_s": round(1 / seqrec_step, 2),
+        },
+    }
+    if args.quick:
+        print(json.dumps(results, indent=2))
+        return
+    path = RESULTS / "efficiency.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    payload = {**previous, **results, "machine": machine(), "versions": versions(), "command": "python bench/efficiency.py " + " ".join(sys.argv[1:])}
+    table = [(key, str(payload[key])) for key in ("vs_naive_ratio", "vs_recbole_ratio", "mfu_cpu", "eval_users_per_s_ratio", "reader_over_step_ratio") if key in payload]
+    table += [(key, str(value)) for key, value in results["details"].items()]
+    print(json.dumps(payload, indent=2))
+    write_results("efficiency", payload, table)
+
+
+if __name__ == "__main__":
+    main()
