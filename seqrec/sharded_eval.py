@@ -81,7 +81,8 @@ def _partitioned_rows(parameter: torch.Tensor, rows: slice) -> torch.Tensor:
     shape = tuple(parameter.ds_shape)
     width = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     partition = parameter.ds_tensor.numel()
-    lo_hi = torch.tensor([rows.start * width, rows.stop * width], dtype=torch.int64)
+    # On the partition's device: NCCL only moves GPU tensors.
+    lo_hi = torch.tensor([rows.start * width, rows.stop * width], dtype=torch.int64, device=parameter.ds_tensor.device)
     gathered = [torch.zeros_like(lo_hi) for _ in range(world)]
     dist.all_gather(gathered, lo_hi)
     wanted = [(int(a), int(b)) for a, b in gathered]

@@ -1,0 +1,179 @@
+"""seqrec vs RecBole's BERT4Rec on Beauty: training throughput at the same model size and batch.
+
+    python bench/recbole.py [--batches 12] [--batch 256]
+
+RecBole 1.2.1 is installed by this script into its own virtual environment, `.peers/recbole`
+(git-ignored; see ../shared/PEERS.md), and fed Beauty converted to its atomic format (line
+number as timestamp, so the order is the file's). Both sides: BERT hidden 64, 2 layers, 2
+heads, inner 256, max length 50, batch 256, fp32, one process on this machine's cores.
+
+RecBole's BERT4Rec trains on one instance per prefix of every user's sequence (its epoch is
+~912 batches of 256 on Beauty); seqrec trains on each user's sequence once per epoch with
+masking on the device. Reported: sequences (training instances) per second on each side,
+their ratio (`vs_recbole_ratio`), and the time each needs for one pass over its training data.
+Merges into bench/results/efficiency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, versions, write_results  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PEER_VENV = REPO / ".peers" / "recbole"
+PEER_DATA = REPO / ".peers" / "data"
+DATA_DIR = Path(os.environ.get("SEQREC_DATA_DIR", REPO.parent / "shared" / "data"))
+
+RECBOLE_DRIVER = textwrap.dedent("""
+    import json, sys, time, torch
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.model.sequential_recommender import BERT4Rec
+    from recbole.utils import init_seed
+    data_path, batches, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    config = Config(model="BERT4Rec", dataset="beauty", config_dict={
+        "data_path": data_path, "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "MAX_ITEM_LIST_LENGTH": 50,
+        "hidden_size": 64, "inner_size": 256, "n_layers": 2, "n_heads": 2, "loss_type": "CE", "train_neg_sample_args": None,
+        "train_batch_size": batch, "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"},
+        "user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)", "metrics": ["Hit", "NDCG"], "topk": [10],
+        "device": "cpu", "use_gpu": False, "show_progress": False, "reproducibility": True, "seed": 0,
+    })
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    model = BERT4Rec(config, train_data.dataset)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    times, sizes = [], []
+    for index, interaction in enumerate(train_data):
+        started = time.perf_counter()
+        optimizer.zero_grad()
+        loss = model.calculate_loss(interaction)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+        sizes.append(len(interaction))
+        if index + 1 == batches + 2:
+            break
+    print(json.dumps({"seconds": sum(times[2:]), "instances": sum(sizes[2:]), "batches_per_epoch": len(train_data),
+                      "items": dataset.item_num - 1, "users": dataset.user_num - 1, "torch": torch.__version__}))
+""")
+
+
+def ensure_recbole() -> Path:
+    python = PEER_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+    probe = subprocess.run([str(python), "-c", "import recbole"], capture_output=True)
+    if probe.returncode != 0:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "recbole==1.2.1", "setuptools<81", "numpy<2", "pandas<2.3"], check=True)
+    return python
+
+
+def atomic_beauty() -> Path:
+    target = PEER_DATA / "beauty" / "beauty.inter"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lines = (DATA_DIR / "beauty.txt").read_text().split("\n")
+        rows = [line.split() for line in lines if line.strip()]
+        temporary = target.with_suffix(".tmp")
+        temporary.write_text("user_id:token\titem_id:token\ttimestamp:float\n" + "".join(f"{u}\t{i}\t{n}\n" for n, (u, i) in enumerate(rows)))
+        temporary.replace(target)
+    return PEER_DATA
+
+
+def seqrec_throughput(batches: int, batch: int) -> dict:
+    import torch
+
+    from quality import prepared
+    from seqrec import distributed
+    from seqrec.config import load_config
+    from seqrec.data.prepared import PreparedDataset
+    from seqrec.data.stream import StreamOptions, sequence_loader
+    from seqrec.engine import TrainingEngine, plan_batches
+    from seqrec.losses import MaskedItemObjective
+    from seqrec.model import build_model
+    from seqrec.train import optimizer_step
+
+    distributed.init("cpu", timeout_minutes=30)
+    root, max_len, _ = prepared("beauty")
+    data = PreparedDataset.open(root)
+    config = load_config(None, [
+        "model.pretrained=null", "model.scratch.hidden_size=64", "model.scratch.num_hidden_layers=2", "model.scratch.num_attention_heads=2",
+        "model.scratch.intermediate_size=256", f"data.max_len={max_len}", f"train.batch_size={batch}", "train.precision=fp32", "train.device=cpu",
+    ])
+    options = StreamOptions(max_len, shuffle_buffer=2000, seed=0)
+    items = []
+    for loaded in sequence_loader(data.sequences(options), options, batch, num_workers=0):
+        items.append(loaded.items)
+        if len(items) == batches + 2:
+            break
+    torch.manual_seed(0)
+    model, _ = build_model(config.model, data.num_items, max_len)
+    engine = TrainingEngine(MaskedItemObjective(model, 0.3), config, plan_batches(config, 1), 10**6, None)
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for batch_items in items:
+        started = time.perf_counter()
+        optimizer_step(engine, [batch_items], [torch.rand(batch_items.shape, generator=generator)], (1.0, 1.0), 1)
+        times.append(time.perf_counter() - started)
+    instances = sum(int(b.shape[0]) for b in items[2:])
+    return {"seconds": sum(times[2:]), "instances": instances, "train_sequences": data.num_train_sequences}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=256)
+    args = parser.parse_args()
+    python = ensure_recbole()
+    data_path = atomic_beauty()
+    driver = subprocess.run([str(python), "-c", RECBOLE_DRIVER, str(data_path), str(args.batches), str(args.batch)],
+                            capture_output=True, text=True, cwd=PEER_DATA, check=False)
+    if driver.returncode != 0:
+        raise SystemExit(f"RecBole run failed:\n{driver.stderr[-3000:]}")
+    recbole = json.loads(driver.stdout.strip().splitlines()[-1])
+    ours = seqrec_throughput(args.batches, args.batch)
+    recbole_rate = recbole["instances"] / recbole["seconds"]
+    seqrec_rate = ours["instances"] / ours["seconds"]
+    recbole_epoch = recbole["batches_per_epoch"] * args.batch / recbole_rate
+    seqrec_epoch = ours["train_sequences"] / seqrec_rate
+    results = {
+        "vs_recbole_ratio": round(seqrec_rate / recbole_rate, 2),
+        "recbole": {
+            "model": "RecBole 1.2.1 BERT4Rec, hidden 64, 2 layers, 2 heads, inner 256, CE loss, batch %d" % args.batch,
+            "instances_per_s": round(recbole_rate, 1), "batches_per_epoch": recbole["batches_per_epoch"],
+            "epoch_seconds_estimated": round(recbole_epoch, 1), "items": recbole["items"], "users": recbole["users"],
+        },
+        "seqrec_same_size": {
+            "model": "seqrec, scratch BERT hidden 64, 2 layers, 2 heads, inner 256, tail + masked losses, batch %d" % args.batch,
+            "sequences_per_s": round(seqrec_rate, 1), "epoch_seconds_estimated": round(seqrec_epoch, 1),
+        },
+        "epoch_time_ratio_recbole_over_seqrec": round(recbole_epoch / seqrec_epoch, 1),
+        "time_to_equal_validation_ndcg": "not measured: one RecBole BERT4Rec epoch on Beauty takes about "
+            f"{recbole_epoch / 60:.0f} minutes on this machine, beyond this benchmark's 20-minute budget",
+    }
+    path = RESULTS / "efficiency.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    payload = {**previous, **results, "recbole_machine": machine(), "recbole_versions": versions(), "recbole_command": "python bench/recbole.py " + " ".join(sys.argv[1:])}
+    table = [(key, str(payload[key])) for key in ("vs_naive_ratio", "vs_recbole_ratio", "mfu_cpu", "eval_users_per_s_ratio", "reader_over_step_ratio") if key in payload]
+    table += [("RecBole instances/s", str(results["recbole"]["instances_per_s"])), ("seqrec sequences/s (same size)", str(results["seqrec_same_size"]["sequences_per_s"])),
+              ("epoch time RecBole / seqrec", str(results["epoch_time_ratio_recbole_over_seqrec"]))]
+    if "details" in payload:
+        table += [(key, str(value)) for key, value in payload["details"].items()]
+    print(json.dumps(results, indent=2))
+    write_results("efficiency", payload, table)
+
+
+if __name__ == "__main__":
+    main()
