@@ -5,7 +5,8 @@
 Each configuration runs under `torchrun --standalone --nproc_per_node P` (the machine's cores
 shared out among the processes): a 2-layer BERT of the given hidden size with one token per item,
 synthetic histories (1..19 items), exact ranks + top-20 for every user. Reported: evaluation wall
-time (after model build, max over ranks) and each rank's peak RSS. Writes bench/results/eval_scale.json.
+time (after model build, max over ranks); per rank the memory evaluation adds on top of the
+model (sampled RSS) beside the score buffer bound (batch x items / ranks), and the process peak. Writes bench/results/eval_scale.json.
 """
 
 from __future__ import annotations
@@ -25,6 +26,32 @@ from common import machine, versions, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_LEN = 20
+
+
+class RssSampler:
+    """Resident memory sampled every 20 ms on a thread: (at start, peak) in MB. ru_maxrss alone
+    would report the model build's peak, not the evaluation's."""
+
+    def __init__(self):
+        import threading
+
+        self.start_mb = self.peak_mb = self._rss()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _rss() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _run(self) -> None:
+        while not self._done.wait(0.02):
+            self.peak_mb = max(self.peak_mb, self._rss())
+
+    def stop(self) -> tuple[float, float]:
+        self._done.set()
+        self._thread.join()
+        return self.start_mb, max(self.peak_mb, self._rss())
 
 
 def worker(items: int, users: int, hidden: int, batch: int, out: Path) -> None:
@@ -53,16 +80,22 @@ def worker(items: int, users: int, hidden: int, batch: int, out: Path) -> None:
     targets = rng.integers(1, items + 1, size=users).astype(np.int32)
     data = EvalSet(np.arange(users, dtype=np.int64), offsets, history, targets)
     dist.barrier()
+    sampler = RssSampler()
     started = time.perf_counter()
     result = evaluate_sharded(model, data, batch, MAX_LEN, (1, 5, 10, 20), True, torch.device("cpu"))
     seconds = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    peak = distributed.gather_floats([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])
+    during = sampler.stop()
+    peak = distributed.gather_floats([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, during[0], during[1]])
     if info.is_main:
         out.write_text(json.dumps({
             "items": items, "users": users, "processes": info.world_size, "hidden": hidden, "eval_batch": batch,
             "seconds": round(float(seconds), 2), "users_per_s": round(users / float(seconds), 1),
-            "peak_rss_mb_per_rank": [round(row[0], 1) for row in peak], "NDCG@10": round(result.metrics["NDCG@10"], 6),
+            "peak_rss_mb_per_rank": [round(row[0], 1) for row in peak],
+            "eval_peak_rss_mb_per_rank": [round(row[2], 1) for row in peak],
+            "eval_growth_mb_per_rank": [round(row[2] - row[1], 1) for row in peak],
+            "score_buffer_mb_per_rank": round(batch * -(-items // info.world_size) * 4 / 2**20, 1),
+            "NDCG@10": round(result.metrics["NDCG@10"], 6),
         }))
 
 
@@ -95,8 +128,8 @@ def main() -> None:
     summary = {}
     if (largest, 1) in by_key and (largest, 2) in by_key:
         summary["seconds_ratio_2_over_1_at_largest"] = round(by_key[(largest, 2)]["seconds"] / by_key[(largest, 1)]["seconds"], 3)
-        summary["peak_rss_ratio_per_rank_2_over_1_at_largest"] = round(
-            max(by_key[(largest, 2)]["peak_rss_mb_per_rank"]) / by_key[(largest, 1)]["peak_rss_mb_per_rank"][0], 3)
+        summary["eval_growth_ratio_per_rank_2_over_1_at_largest"] = round(
+            max(by_key[(largest, 2)]["eval_growth_mb_per_rank"]) / by_key[(largest, 1)]["eval_growth_mb_per_rank"][0], 3)
     smallest = min(args.items)
     summary["seconds_growth_vs_smallest_catalogue_1_process"] = {
         str(items): round(by_key[(items, 1)]["seconds"] / by_key[(smallest, 1)]["seconds"], 2) for items in args.items if (items, 1) in by_key
@@ -107,7 +140,8 @@ def main() -> None:
         "machine": machine(), "versions": versions(), "command": "python bench/eval_scale.py " + " ".join(sys.argv[1:]),
     }
     table = [(f"{run['items']:,} items, {run['users']:,} users, {run['processes']} process(es)",
-              f"{run['seconds']} s ({run['users_per_s']} users/s), peak RSS/rank {run['peak_rss_mb_per_rank']} MB") for run in runs]
+              f"{run['seconds']} s ({run['users_per_s']} users/s); per rank: evaluation adds {run['eval_growth_mb_per_rank']} MB "
+              f"(score buffer {run['score_buffer_mb_per_rank']} MB), process peak {run['peak_rss_mb_per_rank']} MB") for run in runs]
     table += [(key, str(value)) for key, value in summary.items()]
     write_results("eval_scale", payload, table)
 
