@@ -138,7 +138,7 @@ class TrainConfig:
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null", self.max_steps)
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1", self.eval_every)
         _check(self.patience >= 1, "train.patience", "must be >= 1", self.patience)
-        _choice(self.precision, "train.precision", ("auto", "bf16", "fp32"))
+        _choice(self.precision, "train.precision", ("auto", "bf16", "fp16", "fp32"))
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "train.device", "must be auto, cpu, cuda or cuda:N", self.device)
         _check(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
 

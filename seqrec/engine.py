@@ -105,7 +105,7 @@ def deepspeed_config(config: JobConfig, plan: BatchPlan, autocast: torch.dtype |
     merged["zero_allow_untested_optimizer"] = True
     native_bf16 = bool((raw.get("bf16") or {}).get("enabled"))
     if autocast is not None and not native_bf16:
-        merged["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        merged["torch_autocast"] = {"enabled": True, "dtype": "float16" if autocast == torch.float16 else "bfloat16"}
     merged.setdefault("steps_per_print", 10**9)
     merged.setdefault("wall_clock_breakdown", False)
     return merged

@@ -25,6 +25,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast where the hardware runs it natively (Ampere+ GPUs, AVX-512/AMX CPUs), else fp32."""
     if precision == "fp32":
         return None
+    if precision == "fp16":
+        # fp16 autocast needs loss scaling, which the DeepSpeed engine adds; GPUs only.
+        if device.type != "cuda":
+            raise ConfigError(f"train.precision: fp16 needs a CUDA device, not {device}; use bf16, fp32 or auto")
+        return torch.float16
     supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
     if precision == "bf16" and not supported:
         raise ConfigError(f"train.precision: bf16 is not supported on {device}; use fp32 or auto")

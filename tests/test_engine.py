@@ -56,6 +56,14 @@ def test_merged_config_takes_stage_batches_clipping_and_precision_from_the_job()
     assert merged["gradient_clipping"] == 0.5
     assert merged["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert "torch_autocast" not in deepspeed_config(config, plan_batches(config, 2), None)
+    assert deepspeed_config(config, plan_batches(config, 2), torch.float16)["torch_autocast"]["dtype"] == "float16"
+
+
+def test_fp16_is_refused_off_the_gpu():
+    from seqrec.runtime import autocast_dtype
+
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        autocast_dtype("fp16", torch.device("cpu"))
 
 
 def test_incomplete_checkpoints_are_never_resumed_from_and_old_ones_pruned(tmp_path):

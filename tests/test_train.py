@@ -51,6 +51,17 @@ def test_max_steps_and_early_stopping_bound_the_run(small_dataset, tmp_path):
     assert [row["step"] for row in lines if "loss" in row] == [1, 2, 3]
 
 
+def test_gradient_accumulation_takes_one_optimiser_step_per_global_batch(small_dataset, tmp_path):
+    overrides = ("train.batch_size=32", "train.micro_batch_size=8", "train.max_steps=3", "train.log_every=1")
+    result = run(_config(small_dataset, tmp_path / "run", *overrides))
+    assert (result.metrics["micro_batch"], result.metrics["accumulation"], result.metrics["steps"]) == (8, 4, 3)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3]
+    # Linear warm-up over 5 steps advances once per optimiser step, not per micro-batch.
+    lrs = [row["lr"] for row in rows if "loss" in row]
+    assert lrs[1] / lrs[0] == pytest.approx(1.5) and lrs[2] / lrs[0] == pytest.approx(2.0)
+
+
 def test_lr_schedule_warms_up_then_decays():
     assert lr_factor(0, 10, 100, "linear") == pytest.approx(0.1)
     assert lr_factor(9, 10, 100, "linear") == pytest.approx(1.0)
