@@ -6,7 +6,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"

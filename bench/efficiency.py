@@ -118,7 +118,6 @@ def main() -> None:
     length = sum(items.shape[1] for items, _ in timed_pairs) / len(timed_pairs)
     scored = sum(int((mask_from_draws(items, d, 0.3).labels != IGNORE_LABEL).sum()) for items, d in timed_pairs) / len(timed_pairs)
     flops = step_flops(model.mlm.config, tokens, length, scored, data.num_items)
-    del engine
 
     # naive: full-vocabulary logits everywhere, Python-loop tail gather, default AdamW.
     torch.manual_seed(0)
@@ -144,7 +143,6 @@ def main() -> None:
         optimizer.step()
 
     naive_seconds = timed(naive_step, pairs)
-    del optimizer
 
     # Evaluation: item-sharded evaluator vs a naive dense one, on the first validation users.
     valid = data.eval_set("valid")
@@ -156,7 +154,7 @@ def main() -> None:
 
     fast_set, naive_set = subset(valid, args.eval_users), subset(valid, args.naive_eval_users)
     started = time.perf_counter()
-    fast = evaluate_sharded(naive_model, fast_set, 256, max_len, (1, 5, 10, 20), True, torch.device("cpu"), torch.bfloat16)
+    evaluate_sharded(naive_model, fast_set, 256, max_len, (1, 5, 10, 20), True, torch.device("cpu"), torch.bfloat16)
     fast_users_per_s = len(fast_set) / (time.perf_counter() - started)
 
     @torch.no_grad()

@@ -122,8 +122,6 @@ class TrainingEngine:
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
         model = objective.model
         if self.zero_stage == 3:
-            from deepspeed.runtime.zero.partition_parameters import GatheredParameters  # noqa: F401  (fail early if absent)
-
             for parameter in model.scoring_parameters():
                 deepspeed.zero.register_external_parameter(model, parameter)
         optimizer = build_optimizer(objective, config.optim)

@@ -127,7 +127,7 @@ def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[
     first_item_token = len(tokenizer)
     added = tokenizer.add_tokens([ITEM_TOKEN_FORMAT.format(k) for k in range(1, num_items + 1)], special_tokens=True)
     if added != num_items or tokenizer.convert_tokens_to_ids(ITEM_TOKEN_FORMAT.format(1)) != first_item_token:
-        raise ConfigError(f"model.pretrained: the tokenizer already holds item tokens; start from a base BERT")
+        raise ConfigError("model.pretrained: the tokenizer already holds item tokens; start from a base BERT")
     # Rows between the base matrix and the tokenizer length (none for standard BERTs) stay as resized.
     mlm.resize_token_embeddings(first_item_token + num_items, mean_resizing=False)
     vocab = ItemVocabulary(num_items, first_item_token, tokenizer.pad_token_id, tokenizer.mask_token_id)

@@ -76,11 +76,11 @@ def test_two_processes_match_one_with_the_same_global_batch(equivalence_runs, st
     assert set(one["weights"]) == set(two["weights"])
     worst = max((one["weights"][key] - two["weights"][key]).abs().max().item() for key in one["weights"])
     assert worst < WEIGHT_TOLERANCE
-    # The comparison can fail: training moved the weights far more than the tolerance.
-    moved = max((one["weights"][key] - equivalence_runs[0][0]["weights"][key]).abs().max().item() for key in one["weights"])
-    baseline_shift = (one["losses"][0] - one["losses"][-1]).abs().item()
-    assert baseline_shift > 100 * LOSS_TOLERANCE
-    assert moved < WEIGHT_TOLERANCE  # every stage trains the same model as stage 0
+    # The comparison can fail: the loss moves far more than its tolerance over these steps.
+    assert (one["losses"][0] - one["losses"][-1]).abs().item() > 100 * LOSS_TOLERANCE
+    # And every stage trains the same model as ZeRO-0 in one process.
+    from_stage0 = max((one["weights"][key] - equivalence_runs[0][0]["weights"][key]).abs().max().item() for key in one["weights"])
+    assert from_stage0 < WEIGHT_TOLERANCE
 
 
 def test_kill_nine_then_resume_reaches_the_uninterrupted_result(tiny_dataset, tmp_path):
