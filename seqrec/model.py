@@ -60,10 +60,13 @@ class SeqRecModel(nn.Module):
     def max_positions(self) -> int:
         return int(self.mlm.config.max_position_embeddings)
 
-    def encode(self, items: torch.Tensor) -> torch.Tensor:
-        """Hidden states [batch, length, hidden] of right-padded item ids (MASK_ITEM where masked)."""
-        output = self.mlm.bert(input_ids=self.vocab.tokens(items), attention_mask=(items != 0).long(), use_cache=False)
-        return output.last_hidden_state
+    def encode(self, items: torch.Tensor, token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [batch, length, hidden] of right-padded item ids (MASK_ITEM where masked).
+        `token_embeddings` replaces the word-embedding lookup (e.g. one done on partitioned weights)."""
+        mask = (items != 0).long()
+        if token_embeddings is not None:
+            return self.mlm.bert(inputs_embeds=token_embeddings, attention_mask=mask, use_cache=False).last_hidden_state
+        return self.mlm.bert(input_ids=self.vocab.tokens(items), attention_mask=mask, use_cache=False).last_hidden_state
 
     def forward(self, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Full-catalogue scores [M, num_items] at `positions`, flat indices into the [B, L] batch.

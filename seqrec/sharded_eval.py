@@ -15,9 +15,10 @@ Every floating-point operation has the same shapes and inputs whatever the numbe
 (fixed encode chunks, fixed item blocks, fixed user batches), so 1, 2 or 3 processes produce
 bit-identical scores, ranks and top-K lists. With one process this IS the evaluator.
 
-Under ZeRO-3 a rank never gathers the item table for scoring: it receives exactly its own rows
-from the flat parameter partitions that hold them (one all-to-all). Encoding still runs the
-model's forward, whose input embedding lookup ZeRO-3 gathers transiently like any forward.
+Under ZeRO-3 a rank never gathers the item table: for scoring it receives exactly its own rows
+from the flat parameter partitions that hold them (one all-to-all); encoding runs the
+encoder, whose word-embedding lookup reads the partitions in place (one all-reduce per chunk),
+so the item table is never gathered on one rank.
 """
 
 from __future__ import annotations
@@ -96,26 +97,59 @@ def _partitioned_rows(parameter: torch.Tensor, rows: slice) -> torch.Tensor:
     return output.view(rows.stop - rows.start, *shape[1:]) if len(shape) > 1 else output
 
 
+def _partitioned_lookup(parameter: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Rows `tokens` of a ZeRO-3 embedding matrix without gathering it: each rank fills in the
+    elements its flat partition holds, zeros elsewhere, and one all-reduce sums them (exactly:
+    every element comes from one rank)."""
+    if parameter.numel() == parameter.ds_numel:
+        return torch.nn.functional.embedding(tokens, parameter.detach())
+    rank, _ = _world()
+    partition = parameter.ds_tensor.detach()
+    width = int(parameter.ds_shape[1])
+    flat = tokens.reshape(-1, 1) * width + torch.arange(width, device=tokens.device) - rank * partition.numel()
+    inside = (flat >= 0) & (flat < partition.numel())
+    values = torch.where(inside, partition[flat.clamp(0, partition.numel() - 1)], torch.zeros((), dtype=partition.dtype, device=partition.device))
+    dist.all_reduce(values)
+    return values.view(*tokens.shape, width)
+
+
+def _trimmed(items: torch.Tensor, starts: list[int], index: int, encode_batch: int) -> tuple[torch.Tensor, bool]:
+    """Chunk `index` of the batch, cut to its longest row; a one-row dummy past the last chunk."""
+    real = index < len(starts)
+    chunk = items[starts[index] : starts[index] + encode_batch] if real else items[:1]
+    return chunk[:, : max(int((chunk != 0).sum(dim=1).max()), 1)], real
+
+
 def _user_vectors(model: SeqRecModel, items: torch.Tensor, encode_batch: int, lockstep: bool, autocast_dtype) -> torch.Tensor:
     """Transformed tail states of every row of `items`, computed in chunks dealt round-robin."""
     rank, world = _world()
     hidden_size = model.mlm.config.hidden_size
     vectors = torch.zeros(items.shape[0], hidden_size, device=items.device, dtype=torch.float32)
     starts = list(range(0, items.shape[0], encode_batch))
-    mine = starts[rank::world]
-    rounds = -(-len(starts) // world) if lockstep else len(mine)
+    rounds = -(-len(starts) // world)
     head = model.mlm.cls.predictions.transform
+    embedding = model.scoring_parameters()[0]
     for turn in range(rounds):
         # ZeRO-3 gathers parameters inside forward hooks, a collective: ranks without a chunk
         # this round run a one-row dummy so all of them call forward equally often.
-        start = mine[turn] if turn < len(mine) else None
-        chunk = items[start : start + encode_batch] if start is not None else items[:1]
-        chunk = chunk[:, : max(int((chunk != 0).sum(dim=1).max()), 1)]
+        chunks = [_trimmed(items, starts, turn * world + r, encode_batch) for r in range(world)]
+        chunk, real = chunks[rank]
+        if not real and not lockstep:
+            continue
+        embedded = None
+        if lockstep:
+            # The word-embedding lookup reads the ZeRO-3 partitions in place (one all-reduce,
+            # over every rank's chunk of this round) instead of letting the module's forward
+            # gather the whole item table on every rank.
+            tokens = [model.vocab.tokens(part).flatten() for part, _ in chunks]
+            looked_up = _partitioned_lookup(embedding, torch.cat(tokens)).split([len(t) for t in tokens])
+            embedded = looked_up[rank].view(*chunk.shape, -1)
         with torch.autocast(items.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            hidden = model.encode(chunk)
+            hidden = model.encode(chunk, embedded)
             rows = torch.arange(chunk.shape[0], device=items.device)
             transformed = head(hidden[rows, tail_positions(chunk)]).float()
-        if start is not None:
+        if real:
+            start = starts[turn * world + rank]
             vectors[start : start + chunk.shape[0]] = transformed
     if world > 1:
         dist.all_reduce(vectors)  # each row is non-zero on exactly one rank: the sum is exact

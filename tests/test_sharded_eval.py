@@ -40,6 +40,11 @@ def test_processes_and_zero3_match_the_single_process_evaluator(runs, processes,
     assert got["metrics"] == reference["metrics"]
 
 
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_zero3_evaluation_never_gathers_the_item_table(runs, processes):
+    assert runs[processes]["table_untouched"] is True
+
+
 def test_the_fixture_really_has_ties_and_boundary_targets(runs):
     top = runs[1]["plain"]["top_items"]
     scores = runs[1]["plain"]["top_scores"]

@@ -55,11 +55,17 @@ def main(out: str) -> None:
     model, config = model_for_test()
     plain = evaluate_sharded(model, data, 16, MAX_LEN, (1, 5, 10, 20), True, torch.device("cpu"), item_block=BLOCK, encode_batch=4)
     engine = TrainingEngine(MaskedItemObjective(model, 0.3), config, plan_batches(config, info.world_size), 1, None)
+    lookups = []
+    table = engine.model.mlm.get_input_embeddings()
+    hook = table.register_forward_pre_hook(lambda module, args: lookups.append(module.weight.numel()))
     zero3 = evaluate_sharded(engine.model, data, 16, MAX_LEN, (1, 5, 10, 20), True, torch.device("cpu"), zero3=True, item_block=BLOCK, encode_batch=4)
+    hook.remove()
+    # The item table's module never ran (so ZeRO-3 never gathered it) and it is still partitioned.
+    table_untouched = not lookups and table.weight.numel() < table.weight.ds_numel
     if info.is_main:
-        torch.save({name: {"ranks": torch.from_numpy(result.ranks), "top_items": torch.from_numpy(result.top_items),
+        torch.save({"table_untouched": table_untouched, **{name: {"ranks": torch.from_numpy(result.ranks), "top_items": torch.from_numpy(result.top_items),
                            "top_scores": torch.from_numpy(result.top_scores), "metrics": result.metrics}
-                    for name, result in (("plain", plain), ("zero3", zero3))}, out)
+                    for name, result in (("plain", plain), ("zero3", zero3))}}, out)
 
 
 if __name__ == "__main__":
