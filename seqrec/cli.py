@@ -159,7 +159,10 @@ def _run_train(args: argparse.Namespace) -> None:
     from seqrec.config import load_config
     from seqrec.train import run
 
+    from seqrec import distributed
+
     run(load_config(args.config, args.overrides), resume=args.resume)
+    distributed.finish()
 
 
 def _run_export(args: argparse.Namespace) -> None:

@@ -121,6 +121,15 @@ def shutdown() -> None:
     _control_group = None
 
 
+def finish() -> None:
+    """Orderly end of a successful job: wait for every rank, then tear the group down. Left to
+    interpreter exit, gloo's connection threads can die mid-teardown and abort the process.
+    A world of one has no peers to wait for and keeps its group (DeepSpeed caches it)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(group=_control_group)
+        shutdown()
+
+
 def all_true(flag: bool) -> bool:
     """True when `flag` holds on every rank (a CPU collective: no device synchronisation)."""
     value = torch.tensor([1 if flag else 0], dtype=torch.int32)
