@@ -47,3 +47,21 @@ def write_results(name: str, payload: dict, table: list[tuple[str, str]]) -> Pat
     lines = [f"# {name}", "", "| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in table), ""]
     (RESULTS / f"{name}.md").write_text("\n".join(lines))
     return path
+
+
+EFFICIENCY_HEADLINES = ("vs_naive_ratio", "vs_recbole_ratio", "mfu_cpu", "eval_users_per_s_ratio", "reader_over_step_ratio")
+
+
+def update_efficiency(results: dict, provenance: dict) -> dict:
+    """Merge one script's figures into efficiency.json (efficiency.py and recbole.py each own a
+    part) and rewrite the table from the whole file, so neither drops the other's rows."""
+    path = RESULTS / "efficiency.json"
+    payload = {**(json.loads(path.read_text()) if path.is_file() else {}), **results, **provenance}
+    table = [(key, str(payload[key])) for key in EFFICIENCY_HEADLINES if key in payload]
+    if "recbole" in payload:
+        table += [("RecBole instances/s", str(payload["recbole"]["instances_per_s"])),
+                  ("seqrec sequences/s (same size)", str(payload["seqrec_same_size"]["sequences_per_s"])),
+                  ("epoch time RecBole / seqrec", str(payload["epoch_time_ratio_recbole_over_seqrec"]))]
+    table += [(key, str(value)) for key, value in payload.get("details", {}).items()]
+    write_results("efficiency", payload, table)
+    return payload

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, versions, write_results  # noqa: E402
+from common import machine, update_efficiency, versions  # noqa: E402
 
 
 def matmul_peak(dtype, size: int = 2048, seconds: float = 2.0) -> float:
@@ -207,13 +207,8 @@ def main() -> None:
     if args.quick:
         print(json.dumps(results, indent=2))
         return
-    path = RESULTS / "efficiency.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    payload = {**previous, **results, "machine": machine(), "versions": versions(), "command": "python bench/efficiency.py " + " ".join(sys.argv[1:])}
-    table = [(key, str(payload[key])) for key in ("vs_naive_ratio", "vs_recbole_ratio", "mfu_cpu", "eval_users_per_s_ratio", "reader_over_step_ratio") if key in payload]
-    table += [(key, str(value)) for key, value in results["details"].items()]
+    payload = update_efficiency(results, {"machine": machine(), "versions": versions(), "command": "python bench/efficiency.py " + " ".join(sys.argv[1:])})
     print(json.dumps(payload, indent=2))
-    write_results("efficiency", payload, table)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, versions, write_results  # noqa: E402
+from common import machine, update_efficiency, versions  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PEER_VENV = REPO / ".peers" / "recbole"
@@ -163,16 +163,8 @@ def main() -> None:
         "time_to_equal_validation_ndcg": "not measured: one RecBole BERT4Rec epoch on Beauty takes about "
             f"{recbole_epoch / 60:.0f} minutes on this machine, beyond this benchmark's 20-minute budget",
     }
-    path = RESULTS / "efficiency.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    payload = {**previous, **results, "recbole_machine": machine(), "recbole_versions": versions(), "recbole_command": "python bench/recbole.py " + " ".join(sys.argv[1:])}
-    table = [(key, str(payload[key])) for key in ("vs_naive_ratio", "vs_recbole_ratio", "mfu_cpu", "eval_users_per_s_ratio", "reader_over_step_ratio") if key in payload]
-    table += [("RecBole instances/s", str(results["recbole"]["instances_per_s"])), ("seqrec sequences/s (same size)", str(results["seqrec_same_size"]["sequences_per_s"])),
-              ("epoch time RecBole / seqrec", str(results["epoch_time_ratio_recbole_over_seqrec"]))]
-    if "details" in payload:
-        table += [(key, str(value)) for key, value in payload["details"].items()]
+    update_efficiency(results, {"recbole_machine": machine(), "recbole_versions": versions(), "recbole_command": "python bench/recbole.py " + " ".join(sys.argv[1:])})
     print(json.dumps(results, indent=2))
-    write_results("efficiency", payload, table)
 
 
 if __name__ == "__main__":
