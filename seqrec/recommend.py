@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForMaskedLM
 
-from seqrec.data.prepared import ITEMS_FILE
+from seqrec.data.prepared import ITEMS_FILE, read_tsv
 from seqrec.errors import InputError, SeqrecError
 from seqrec.export import read_items_meta
 from seqrec.model import _quiet_transformers
@@ -85,10 +85,10 @@ class Recommender:
 def _read_items(path: Path, num_items: int) -> tuple[list[str], list[str]]:
     if not path.is_file():
         raise SeqrecError(f"{path}: missing; export the model with `seqrec export`")
-    rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()[1:]]
+    rows = read_tsv(path, 3)
     if len(rows) != num_items:
         raise SeqrecError(f"{path}: {len(rows)} items, the model has {num_items}")
-    return [row[1] for row in rows], [row[2] if len(row) > 2 else "" for row in rows]
+    return [row[1] for row in rows], [row[2] for row in rows]
 
 
 def _mask_token_id(model_dir: Path) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from seqrec import checkpoint, distributed, progress
 from seqrec.atomic import atomic_file
@@ -314,10 +313,8 @@ class _Trainer:
     def _save_best(self) -> None:
         weights = self.engine.full_state_dict()
         if self.info.is_main:
-            target = self.run_dir / BEST_WEIGHTS
-            temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            save_file({key: value.contiguous() for key, value in weights.items()}, str(temporary))
-            os.replace(temporary, target)
+            with atomic_file(self.run_dir / BEST_WEIGHTS, "wb") as handle:
+                handle.write(save({key: value.contiguous() for key, value in weights.items()}))
         distributed.barrier()
 
     def _finish(self, state: LoopState, started: float, evaluate, test_set, resume_from: Path | None) -> TrainResult:

@@ -75,7 +75,7 @@ class PreparedDataset:
 
     def items(self) -> tuple[list[str], list[str]]:
         """Original id and title of items 1..N (index 0 is item 1)."""
-        rows = _read_tsv(self.root / ITEMS_FILE, 3)
+        rows = read_tsv(self.root / ITEMS_FILE, 3)
         return [row[1] for row in rows], [row[2] for row in rows]
 
     def user_history(self, original_user_id: str) -> list[str]:
@@ -94,10 +94,11 @@ class PreparedDataset:
         return [originals[item - 1] for item in items]
 
     def user_ids(self) -> list[str]:
-        return [row[1] for row in _read_tsv(self.root / USERS_FILE, 2)]
+        return [row[1] for row in read_tsv(self.root / USERS_FILE, 2)]
 
 
-def _read_tsv(path: Path, width: int) -> list[list[str]]:
+def read_tsv(path: Path, width: int) -> list[list[str]]:
+    """Rows of a headed TSV written by `write_tsv`, each checked to have `width` fields."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()[1:]
     except OSError as exc:
