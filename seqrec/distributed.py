@@ -46,7 +46,7 @@ def launch_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if environ is None else environ)
     if "RANK" in env and "WORLD_SIZE" in env:
         launcher = "torchrun/deepspeed"
-        resolved = {key: env[key] for key in ("RANK", "WORLD_SIZE") }
+        resolved = {key: env[key] for key in ("RANK", "WORLD_SIZE")}
         resolved["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
         resolved["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
         resolved["MASTER_PORT"] = env.get("MASTER_PORT", "29500")
@@ -134,12 +134,6 @@ def all_true(flag: bool) -> bool:
     """True when `flag` holds on every rank (a CPU collective: no device synchronisation)."""
     value = torch.tensor([1 if flag else 0], dtype=torch.int32)
     dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_control_group)
-    return bool(value.item())
-
-
-def any_true(flag: bool) -> bool:
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group)
     return bool(value.item())
 
 
