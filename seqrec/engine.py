@@ -130,6 +130,10 @@ class TrainingEngine:
             model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
         )
         self.objective = self.engine.module
+        if plan.world_size == 1 and self.zero_stage == 0:
+            # One process has nothing to reduce, yet DeepSpeed would still flatten every gradient
+            # into buckets and copy it back: two passes over all weights per step.
+            self.engine.enable_backward_allreduce = False
 
     @property
     def model(self):

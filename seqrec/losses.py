@@ -1,7 +1,8 @@
 """Training losses over the FULL item set, scoring only the positions that need scores.
 
 Never builds batch x length x vocabulary logits: hidden states are gathered first (the tails
-in one indexed gather, the other masked positions by mask), then scored against the item rows.
+in one indexed gather, the other masked positions by mask), then scored against the item rows
+inside a fused cross-entropy (seqrec.catalog_loss).
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-
 from torch import nn
 
 from seqrec.masking import IGNORE_LABEL, MaskedBatch, mask_from_draws, tail_positions
@@ -66,11 +65,9 @@ def masked_loss_sums(model: SeqRecModel, batch: MaskedBatch) -> LossSums:
     others = batch.labels != IGNORE_LABEL
     others[rows, batch.tail] = False
     positions = torch.cat([rows * length + batch.tail, torch.nonzero(others.flatten()).flatten()])
-    labels = batch.labels.flatten()[positions] - 1
-    logits = model(batch.inputs, positions).float()
-    losses = F.cross_entropy(logits, labels, reduction="none")
-    count = torch.tensor(float(len(labels)), device=losses.device)
-    return LossSums(losses[:batch_size].mean(), losses.sum(), count, logits.shape[0])
+    losses = model(batch.inputs, positions, batch.labels.flatten()[positions])
+    count = torch.tensor(float(len(losses)), device=losses.device)
+    return LossSums(losses[:batch_size].mean(), losses.sum(), count, losses.shape[0])
 
 
 def masked_item_loss(model: SeqRecModel, batch: MaskedBatch, tail_weight: float, masked_weight: float) -> LossParts:
@@ -90,10 +87,9 @@ def causal_loss_sums(model: SeqRecModel, items: torch.Tensor) -> LossSums:
     inputs[rows, tail] = torch.where(tail > 0, torch.zeros_like(tail), items[rows, tail])
     valid = (inputs != 0) & (targets != 0)
     positions = torch.nonzero(valid.flatten()).flatten()
-    logits = model(inputs, positions).float()
-    losses = F.cross_entropy(logits, targets.flatten()[positions] - 1, reduction="none")
+    losses = model(inputs, positions, targets.flatten()[positions])
     count = torch.tensor(float(len(positions)), device=losses.device)
-    return LossSums(torch.zeros((), device=losses.device), losses.sum(), count, logits.shape[0])
+    return LossSums(torch.zeros((), device=losses.device), losses.sum(), count, losses.shape[0])
 
 
 def causal_next_item_loss(model: SeqRecModel, items: torch.Tensor) -> LossParts:

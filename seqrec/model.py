@@ -22,8 +22,10 @@ from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from seqrec.catalog_loss import catalog_cross_entropy
 from seqrec.config import PRETRAINED_DEFAULT, ModelConfig
 from seqrec.errors import ConfigError
+from seqrec.runtime import attention_kernel
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +70,19 @@ class SeqRecModel(nn.Module):
             return self.mlm.bert(inputs_embeds=token_embeddings, attention_mask=mask, use_cache=False).last_hidden_state
         return self.mlm.bert(input_ids=self.vocab.tokens(items), attention_mask=mask, use_cache=False).last_hidden_state
 
-    def forward(self, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Full-catalogue scores [M, num_items] at `positions`, flat indices into the [B, L] batch.
+    def forward(self, items: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-catalogue scores [M, num_items] at `positions`, flat indices into the [B, L] batch;
+        with `labels` (item ids 1..N), the per-position cross-entropy over the full catalogue [M]
+        instead, without keeping fp32 scores (see catalog_loss).
 
         Training and evaluation both come through here, so engines that act at module boundaries
         (ZeRO-3 gathers parameters in forward hooks) see every parameter use.
         """
         hidden = self.encode(items)
-        return self.item_scores(hidden.reshape(-1, hidden.shape[-1])[positions])
+        gathered = hidden.reshape(-1, hidden.shape[-1])[positions]
+        if labels is None:
+            return self.item_scores(gathered)
+        return self.item_losses(gathered, labels)
 
     def scoring_parameters(self) -> list[nn.Parameter]:
         """Parameters used in forward outside the submodule that owns them (ZeRO-3 must be told)."""
@@ -89,6 +96,12 @@ class SeqRecModel(nn.Module):
         head = self.mlm.cls.predictions
         transformed = head.transform(hidden)
         return F.linear(transformed, self.item_embeddings(), head.bias[self.vocab.item_rows])
+
+    def item_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over the full item set of gathered hidden rows [M, hidden], labels 1..N."""
+        head = self.mlm.cls.predictions
+        table = self.mlm.get_input_embeddings().weight
+        return catalog_cross_entropy(head.transform(hidden), table, head.bias, self.vocab.item_rows, labels - 1)
 
     def save_pretrained(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None, max_len: int | None = None) -> None:
         """A plain HF directory; `state_dict` (keys as in this module's state_dict) replaces the
@@ -122,9 +135,11 @@ def pretrained_directory(spec: str) -> Path:
     return path
 
 
-def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[str] | None = None) -> tuple[SeqRecModel, dict]:
-    """The extended-vocabulary model and a report of how each new item embedding was initialised."""
+def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[str] | None = None, device: str | torch.device = "cpu") -> tuple[SeqRecModel, dict]:
+    """The extended-vocabulary model and a report of how each new item embedding was initialised.
+    `device` is where it will run (it picks the attention kernel); the model is built on the CPU."""
     mlm, tokenizer = _load_base(config, max_len)
+    mlm.set_attn_implementation(attention_kernel(config.attention_kernel, torch.device(device)))
     base_vocab = mlm.get_input_embeddings().weight.shape[0]
     base_embeddings = mlm.get_input_embeddings().weight.detach().clone()
     first_item_token = len(tokenizer)

@@ -34,3 +34,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" and not supported:
         raise ConfigError(f"train.precision: bf16 is not supported on {device}; use fp32 or auto")
     return torch.bfloat16 if supported else None
+
+
+def attention_kernel(requested: str, device: torch.device) -> str:
+    """transformers' attention implementation for `model.attention_kernel` on this device."""
+    if requested != "auto":
+        return requested
+    return "sdpa" if device.type == "cuda" else "eager"

@@ -56,8 +56,8 @@ def test_only_masked_positions_are_scored_and_the_vocabulary_head_never_runs():
     items, _ = _items()
     batch = mask_items(items, 0.3, torch.Generator().manual_seed(3))
     shapes = []
-    original = model.item_scores
-    model.item_scores = lambda hidden: (shapes.append(tuple(hidden.shape)), original(hidden))[1]
+    original = model.item_losses
+    model.item_losses = lambda hidden, labels: (shapes.append(tuple(hidden.shape)), original(hidden, labels))[1]
     handle = model.mlm.cls.predictions.decoder.register_forward_hook(lambda *_: pytest.fail("full-vocabulary decoder ran"))
     try:
         parts = masked_item_loss(model, batch, 1.0, 1.0)

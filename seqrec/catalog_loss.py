@@ -1,0 +1,90 @@
+"""Cross-entropy over the full item catalogue, fused with the scoring matmul.
+
+The logits of M scored rows against N items are the largest tensor of a training step. Written
+as `F.cross_entropy(logits.float(), labels)`, autograd keeps an fp32 copy of them, an fp32
+log-softmax of the same size, and in backward a zero-filled one-hot and an fp32 softmax
+gradient: four M x N fp32 tensors, freshly allocated every step. On a 54k-item catalogue those
+passes, not the matmuls, took most of the step on CPU (page faults on each new buffer), and on
+a GPU they bound the batch size long before the model does.
+
+Here the logits are built once, in the compute dtype, and kept; the log-sum-exp and the
+softmax gradient are computed in fp32 over blocks of rows small enough to stay in cache; the
+gradient then overwrites the kept logits in place. Peak extra memory: one M x N tensor in the
+compute dtype plus one fp32 block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+_BLOCK_ELEMENTS = {"cuda": 1 << 26}  # fp32 elements per row block; CPU default keeps it in L2
+_CPU_BLOCK_ELEMENTS = 1 << 19
+
+
+def catalog_cross_entropy(hidden: torch.Tensor, table: torch.Tensor, bias: torch.Tensor, rows: slice, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row losses [M] (fp32) of `hidden` [M, H] scored against `table[rows]` + `bias[rows]`,
+    labels in 0..N-1 (offsets into `rows`). Gradients reach the whole `table` and `bias` (zero
+    outside `rows`), so a tied embedding matrix needs no separate slice backward.
+    Under autocast the matmuls run in the autocast dtype, as `F.linear` would."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = torch.promote_types(hidden.dtype, table.dtype)
+    block = _BLOCK_ELEMENTS.get(device_type, _CPU_BLOCK_ELEMENTS)
+    return _CatalogCrossEntropy.apply(hidden, table, bias, labels, rows.start, rows.stop, compute_dtype, block)
+
+
+class _CatalogCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, table, bias, labels, start, stop, compute_dtype, block_elements):
+        with torch.autocast(hidden.device.type, enabled=False):
+            weight = table[start:stop].to(compute_dtype)
+            features = hidden.to(compute_dtype)
+            logits = torch.addmm(bias[start:stop].to(compute_dtype), features, weight.t())
+            block_rows = max(1, block_elements // max(1, logits.shape[1]))
+            log_normaliser = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+            for first in range(0, logits.shape[0], block_rows):
+                log_normaliser[first : first + block_rows] = torch.logsumexp(logits[first : first + block_rows].float(), dim=1)
+            target = logits.gather(1, labels.unsqueeze(1)).squeeze(1).float()
+        ctx.save_for_backward(features, weight, logits, log_normaliser, labels)
+        ctx.layout = (start, stop, block_rows, hidden.dtype, table.shape, table.dtype, bias.shape, bias.dtype)
+        return log_normaliser - target
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_losses):
+        features, weight, logits, log_normaliser, labels = ctx.saved_tensors
+        start, stop, block_rows, hidden_dtype, table_shape, table_dtype, bias_shape, bias_dtype = ctx.layout
+        scale = grad_losses.float()
+        with torch.autocast(features.device.type, enabled=False):
+            # softmax - one_hot(label), times the incoming gradient, written over the logits;
+            # the bias gradient (column sums) is taken from the fp32 blocks on the way.
+            column_sums = torch.zeros(logits.shape[1], dtype=torch.float32, device=logits.device)
+            for first in range(0, logits.shape[0], block_rows):
+                last = min(first + block_rows, logits.shape[0])
+                gradient = (logits[first:last].float() - log_normaliser[first:last, None]).exp_()
+                gradient[torch.arange(last - first, device=logits.device), labels[first:last]] -= 1.0
+                gradient.mul_(scale[first:last, None])
+                column_sums += gradient.sum(dim=0)
+                logits[first:last] = gradient
+            grad_logits = logits
+            grad_hidden = grad_table = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                grad_hidden = (grad_logits @ weight).to(hidden_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_table = _embed_rows(grad_logits.t() @ features, start, stop, table_shape, table_dtype)
+            if ctx.needs_input_grad[2]:
+                grad_bias = _embed_rows(column_sums, start, stop, bias_shape, bias_dtype)
+        return grad_hidden, grad_table, grad_bias, None, None, None, None, None
+
+
+def _embed_rows(values: torch.Tensor, start: int, stop: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of `shape` holding `values` at rows start:stop and zeros elsewhere, zeroing only
+    the rows outside (the catalogue is most of a tied table)."""
+    full = torch.empty(shape, dtype=dtype, device=values.device)
+    full[:start].zero_()
+    full[stop:].zero_()
+    full[start:stop] = values
+    return full
