@@ -269,6 +269,12 @@ def _coerce(hint, value, where: str):
         return tuple(_coerce(arg, item, where) for arg, item in zip(args, value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string; it is the usual way to write a learning rate.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: must be float, got {value!r}") from None
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: must be {hint.__name__}, got {value!r}")
     return value

@@ -18,8 +18,9 @@ def test_shipped_configs_load(path):
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
-    config = load_config(CONFIGS / "tiny.yaml", ["train.epochs=7", "loss.mask_prob=0.2", "model.keep_layers=null", "optim.betas=[0.9, 0.95]"])
+    config = load_config(CONFIGS / "tiny.yaml", ["train.epochs=7", "loss.mask_prob=0.2", "model.keep_layers=null", "optim.betas=[0.9, 0.95]", "optim.lr=3e-4"])
     assert config.train.epochs == 7
+    assert config.optim.lr == 3e-4
     assert config.loss.mask_prob == 0.2
     assert config.model.keep_layers is None
     assert config.optim.betas == (0.9, 0.95)
@@ -31,6 +32,8 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("loss.mask_prob=1.5", "loss.mask_prob: must be in (0, 1), got 1.5"),
         ("model.attention=sideways", "model.attention: must be one of bidirectional, causal, got 'sideways'"),
         ("train.epochs=many", "train.epochs: must be int, got 'many'"),
+        ("optim.lr=fast", "optim.lr: must be float, got 'fast'"),
+        ("model.attention_kernel=flash", "model.attention_kernel: must be one of auto, eager, sdpa, got 'flash'"),
         ("train.epoch=3", "train.epoch: unknown field"),
         ("eval.ks=[1, 5]", "eval.ks: must include 10"),
         ("train.precision=fp8", "train.precision: must be one of auto, bf16, fp16, fp32"),
