@@ -43,6 +43,20 @@ def matmul_peak(dtype, size: int = 2048, seconds: float = 2.0) -> float:
     return 2 * size**3 * count / (time.perf_counter() - started)
 
 
+def copy_bandwidth(megabytes: int = 256, seconds: float = 1.0) -> float:
+    """Bytes/s moved by a large fp32 copy (read + write): the bound on every non-matmul pass."""
+    import torch
+
+    source = torch.randn(megabytes * 2**18)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        target.copy_(source)
+        count += 1
+    return 2 * source.numel() * 4 * count / (time.perf_counter() - started)
+
+
 def step_flops(config, tokens: int, length: int, scored_rows: int, num_items: int) -> float:
     hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     encoder = tokens * layers * 2 * (4 * hidden * hidden + 2 * hidden * inner + 2 * length * hidden)
@@ -66,10 +80,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per recipe (after 2 warm-up steps)")
     parser.add_argument("--eval-users", type=int, default=2048)
     parser.add_argument("--naive-eval-users", type=int, default=256)
+    parser.add_argument("--mfu-settings", nargs="*", default=["1024x2", "256x6"],
+                        help="extra BATCHxLAYERS settings whose MFU is reported beside the main one")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 256 users; figures not kept")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.eval_users, args.naive_eval_users = 3, 256, 64
+        args.steps, args.eval_users, args.naive_eval_users, args.mfu_settings = 3, 256, 64, []
 
     import numpy as np
     import torch
@@ -92,32 +108,51 @@ def main() -> None:
     distributed.init("cpu", timeout_minutes=30)
     root, max_len, _ = prepared("beauty")
     data = PreparedDataset.open(root)
-    config = load_config(None, [
-        "model.pretrained=minilm", f"model.keep_layers={args.keep_layers}", f"data.max_len={max_len}",
-        f"train.batch_size={args.batch}", "train.precision=bf16", "train.device=cpu", "model.dropout=0.0",
-    ])
+    base_overrides = ["model.pretrained=minilm", f"data.max_len={max_len}", "train.precision=bf16", "train.device=cpu", "model.dropout=0.0"]
+    config = load_config(None, [*base_overrides, f"model.keep_layers={args.keep_layers}", f"train.batch_size={args.batch}"])
     options = StreamOptions(max_len, shuffle_buffer=2000, seed=0)
-    batches = []
-    for batch in sequence_loader(data.sequences(options), options, args.batch, num_workers=0):
-        batches.append(batch.items)
-        if len(batches) == args.steps + 2:
-            break
-    generator = torch.Generator().manual_seed(0)
-    draws = [torch.rand(items.shape, generator=generator) for items in batches]
-    peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
 
-    # seqrec: the product's training step.
-    torch.manual_seed(0)
-    model, _ = build_model(config.model, data.num_items, max_len)
-    engine = TrainingEngine(MaskedItemObjective(model, config.loss.mask_prob), config, plan_batches(config, 1), 10**6, torch.bfloat16)
-    pairs = list(zip(batches, draws))
-    seqrec_step = timed(lambda pair: optimizer_step(engine, [pair[0]], [pair[1]], (1.0, 1.0), 1), pairs)
-    timed_pairs = pairs[2:]
-    sequences = sum(items.shape[0] for items, _ in timed_pairs) / len(timed_pairs)
-    tokens = sum(items.numel() for items, _ in timed_pairs) / len(timed_pairs)
-    length = sum(items.shape[1] for items, _ in timed_pairs) / len(timed_pairs)
-    scored = sum(int((mask_from_draws(items, d, 0.3).labels != IGNORE_LABEL).sum()) for items, d in timed_pairs) / len(timed_pairs)
-    flops = step_flops(model.mlm.config, tokens, length, scored, data.num_items)
+    def step_batches(batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = []
+        for batch in sequence_loader(data.sequences(options), options, batch_size, num_workers=0):
+            batches.append(batch.items)
+            if len(batches) == args.steps + 2:
+                break
+        generator = torch.Generator().manual_seed(0)
+        return [(items, torch.rand(items.shape, generator=generator)) for items in batches]
+
+    def seqrec_step_figures(batch_size: int, keep_layers: int) -> dict:
+        """The product's training step (DeepSpeed engine, bf16 autocast): seconds and model FLOPs."""
+        setting = load_config(None, [*base_overrides, f"model.keep_layers={keep_layers}", f"train.batch_size={batch_size}"])
+        pairs = step_batches(batch_size)
+        torch.manual_seed(0)
+        model, _ = build_model(setting.model, data.num_items, max_len)
+        engine = TrainingEngine(MaskedItemObjective(model, setting.loss.mask_prob), setting, plan_batches(setting, 1), 10**6, torch.bfloat16)
+        seconds = timed(lambda pair: optimizer_step(engine, [pair[0]], [pair[1]], (1.0, 1.0), 1), pairs)
+        measured = pairs[2:]
+        tokens = sum(items.numel() for items, _ in measured) / len(measured)
+        length = sum(items.shape[1] for items, _ in measured) / len(measured)
+        scored = sum(int((mask_from_draws(items, d, 0.3).labels != IGNORE_LABEL).sum()) for items, d in measured) / len(measured)
+        return {"pairs": pairs, "model": model, "seconds": seconds, "sequences": sum(items.shape[0] for items, _ in measured) / len(measured),
+                "length": length, "scored": scored, "flops": step_flops(model.mlm.config, tokens, length, scored, data.num_items)}
+
+    peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
+    bandwidth = copy_bandwidth()
+
+    main_setting = seqrec_step_figures(args.batch, args.keep_layers)
+    pairs, model = main_setting["pairs"], main_setting["model"]
+    seqrec_step, flops = main_setting["seconds"], main_setting["flops"]
+    sequences, length, scored = main_setting["sequences"], main_setting["length"], main_setting["scored"]
+    other_settings = {}
+    for spec in args.mfu_settings:
+        batch_size, keep_layers = (int(part) for part in spec.split("x"))
+        figures = seqrec_step_figures(batch_size, keep_layers)
+        other_settings[f"batch {batch_size}, {keep_layers} layers"] = {
+            "mfu": round(figures["flops"] / figures["seconds"] / peak_bf16, 3),
+            "sequences_per_s": round(figures["sequences"] / figures["seconds"], 1),
+            "model_gflop_per_step": round(figures["flops"] / 1e9, 2), "step_s": round(figures["seconds"], 4),
+        }
+        del figures
 
     # naive: full-vocabulary logits everywhere, Python-loop tail gather, default AdamW.
     torch.manual_seed(0)
@@ -198,6 +233,8 @@ def main() -> None:
             "model_gflop_per_step": round(flops / 1e9, 2), "achieved_gflop_per_s": round(flops / seqrec_step / 1e9, 1),
             "peak_bf16_gflop_per_s": round(peak_bf16 / 1e9, 1), "peak_fp32_gflop_per_s": round(peak_fp32 / 1e9, 1),
             "mfu_vs_fp32_peak": round(flops / seqrec_step / peak_fp32, 3),
+            "mfu_other_settings": other_settings,
+            "copy_bandwidth_gb_per_s": round(bandwidth / 1e9, 1),
             "eval_users_per_s": round(fast_users_per_s, 1), "naive_eval_users_per_s": round(naive_users_per_s, 1),
             "eval_users": len(fast_set), "naive_eval_users": len(naive_set),
             "naive_and_seqrec_agree_NDCG@10": [round(metrics_from_ranks(naive_ranks, (10,))["NDCG@10"], 6), round(fast_small.metrics["NDCG@10"], 6)],

@@ -85,7 +85,7 @@ RECBOLE_QUALITY_DRIVER = textwrap.dedent("""
         "train_batch_size": batch, "eval_batch_size": 4096, "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"},
         "user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)", "metrics": ["Hit", "NDCG"], "topk": [10],
         "valid_metric": "NDCG@10", "learning_rate": 1e-3, "device": "cpu", "use_gpu": False, "show_progress": False,
-        "reproducibility": True, "seed": 0, "checkpoint_dir": data_path + "/saved",
+        "reproducibility": True, "seed": 0, "checkpoint_dir": data_path + "/saved", "metric_decimal_place": 6,
     })
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
