@@ -112,6 +112,19 @@ def main() -> None:
 
 
 def _write(name: str, results: list[dict], published: dict, args: argparse.Namespace) -> None:
+    """quality_<name>.json/.md: this run's recipes, plus the rows of earlier runs for recipes this
+    one did not train (each row keeps the command that produced it), so a partial re-run does not
+    drop the others."""
+    command = "python bench/quality.py " + " ".join(sys.argv[1:])
+    for row in results:
+        row.setdefault("command", command)
+    path = RESULTS / f"quality_{name}.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    ran = {row["recipe"] for row in results}
+    kept = [row for row in earlier.get("results", []) if row["recipe"] not in ran]
+    for row in kept:
+        row.setdefault("command", earlier.get("command", "unknown"))
+    results = kept + results
     payload = {
         "dataset": name,
         "protocol": PROTOCOL,
@@ -119,18 +132,19 @@ def _write(name: str, results: list[dict], published: dict, args: argparse.Names
         "published_reference": {model: {"HR@10": hr, "NDCG@10": ndcg} for model, (hr, ndcg) in published.items()},
         "machine": machine(),
         "versions": versions(),
-        "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+        "command": command,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"quality_{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    path.write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
-        f"# Quality on {name}", "", PROTOCOL + ".", "", f"Command: `{payload['command']}`  ", f"Machine: {payload['machine']}", "",
-        "| recipe | test HR@10 | test NDCG@10 | valid NDCG@10 | epochs | train s |", "|---|---|---|---|---|---|",
+        f"# Quality on {name}", "", PROTOCOL + ".", "", f"Machine: {payload['machine']}", "",
+        "| recipe | test HR@10 | test NDCG@10 | valid NDCG@10 | epochs | train s | command |", "|---|---|---|---|---|---|---|",
     ]
     for row in results:
-        lines.append(f"| {row['recipe']} | {row['test']['HR@10']:.4f} | {row['test']['NDCG@10']:.4f} | {row['valid'].get('NDCG@10', float('nan')):.4f} | {row['epochs']} | {row['train_seconds']:.0f} |")
+        lines.append(f"| {row['recipe']} | {row['test']['HR@10']:.4f} | {row['test']['NDCG@10']:.4f} | {row['valid'].get('NDCG@10', float('nan')):.4f} "
+                     f"| {row['epochs']} | {row['train_seconds']:.0f} | `{row['command']}` |")
     for model, (hr, ndcg) in published.items():
-        lines.append(f"| published {model} | {hr:.4f} | {ndcg:.4f} | | | |")
+        lines.append(f"| published {model} | {hr:.4f} | {ndcg:.4f} | | | | |")
     (RESULTS / f"quality_{name}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -1,6 +1,7 @@
-"""seqrec vs RecBole's BERT4Rec on Beauty: training throughput at the same model size and batch.
+"""seqrec vs RecBole's BERT4Rec on Beauty: training throughput and time to equal validation
+quality, at the same model size and batch, measured in one run.
 
-    python bench/recbole.py [--batches 12] [--batch 256]
+    python bench/recbole.py [--batches 12] [--batch 256] [--quality-minutes 8]
 
 RecBole 1.2.1 is installed by this script into its own virtual environment, `.peers/recbole`
 (git-ignored; see ../shared/PEERS.md), and fed Beauty converted to its atomic format (line
@@ -11,6 +12,13 @@ RecBole's BERT4Rec trains on one instance per prefix of every user's sequence (i
 ~912 batches of 256 on Beauty); seqrec trains on each user's sequence once per epoch with
 masking on the device. Reported: sequences (training instances) per second on each side,
 their ratio (`vs_recbole_ratio`), and the time each needs for one pass over its training data.
+
+Time to equal quality (`vs_recbole_time_to_quality_ratio`): RecBole trains for --quality-minutes
+of training time, validated (full ranking, NDCG@10) at each quarter of it; seqrec then trains
+until its validation NDCG@10 reaches the best RecBole reached, validated at 5, 10, 20, 30, ...
+seconds of training. Ratio = RecBole's training seconds to its best / seqrec's to the same
+figure (seqrec's is the first mark at or above it, so an upper bound). The whole script takes
+about 20 minutes with the default budget; a RecBole epoch alone is ~40 minutes here.
 Merges into bench/results/efficiency.json.
 """
 
