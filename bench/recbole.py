@@ -211,11 +211,11 @@ def seqrec_time_to_quality(batch: int, target: float, marks: list[float]) -> dic
     generator = torch.Generator().manual_seed(0)
     trained, sequences, epoch, curve, pending = 0.0, 0, 0, [], list(marks)
     weights = (config.loss.tail_weight, config.loss.masked_weight)
+    engine.train()
     while pending:
         options = StreamOptions(max_len, shuffle_buffer=10_000, seed=0)
         for loaded in sequence_loader(data.sequences(options, epoch=epoch), options, batch, num_workers=0):
             started = time.perf_counter()
-            engine.train()
             optimizer_step(engine, [loaded.items], [torch.rand(loaded.items.shape, generator=generator)], weights, 1)
             trained += time.perf_counter() - started
             sequences += int(loaded.items.shape[0])
@@ -229,6 +229,7 @@ def seqrec_time_to_quality(batch: int, target: float, marks: list[float]) -> dic
                           "valid": {"HR@10": metrics["HR@10"], "NDCG@10": metrics["NDCG@10"]},
                           "eval_seconds": round(time.perf_counter() - started, 1)})
             print(json.dumps(curve[-1]), flush=True)
+            engine.train()
             if metrics["NDCG@10"] >= target:
                 pending = []
             if not pending:
