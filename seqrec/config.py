@@ -68,6 +68,10 @@ class ModelConfig:
     # auto: eager on CPU (PyTorch's CPU flash kernel is ~5x slower in bf16 at these head sizes),
     # sdpa on GPUs.
     attention_kernel: str = "auto"
+    # torch.compile each encoder layer (dynamic shapes): fuses the elementwise passes between the
+    # matmuls. The first steps pay the compilation (tens of seconds on 2 CPU cores, cached on
+    # disk afterwards); needs a C++ compiler on CPU. Not with ZeRO-3 (its hooks gather weights).
+    compile: bool = False
     dropout: float | None = None
     scratch: ScratchBertConfig = field(default_factory=ScratchBertConfig)
 
@@ -131,6 +135,9 @@ class TrainConfig:
     # DeepSpeed checkpoints under <run_dir>/checkpoints every N optimiser steps (0 = only at the end).
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    # CPU training: malloc keeps freed memory for reuse (see runtime.keep_freed_host_memory);
+    # faster steps, but the process holds its peak memory until it exits.
+    keep_host_memory: bool = True
 
     def validate(self) -> None:
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1 or null", self.micro_batch_size)

@@ -84,6 +84,12 @@ class SeqRecModel(nn.Module):
             return self.item_scores(gathered)
         return self.item_losses(gathered, labels)
 
+    def compile_encoder(self) -> None:
+        """torch.compile each encoder layer in place (parameter names unchanged, so checkpoints and
+        exports are unaffected); sequence lengths vary by batch, hence dynamic shapes."""
+        for layer in self.mlm.bert.encoder.layer:
+            layer.compile(dynamic=True)
+
     def scoring_parameters(self) -> list[nn.Parameter]:
         """Parameters used in forward outside the submodule that owns them (ZeRO-3 must be told)."""
         return [self.mlm.get_input_embeddings().weight, self.mlm.cls.predictions.bias]

@@ -34,7 +34,7 @@ from seqrec.engine import BatchPlan, TrainingEngine, plan_batches
 from seqrec.evaluate import evaluate_model, evaluate_popularity, format_table
 from seqrec.losses import LossParts, MaskedItemObjective
 from seqrec.model import build_model
-from seqrec.runtime import autocast_dtype, resolve_device
+from seqrec.runtime import autocast_dtype, keep_freed_host_memory, resolve_device
 from seqrec.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ def run(config: JobConfig, resume: str | None = None) -> TrainResult:
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
+    elif config.train.keep_host_memory and not keep_freed_host_memory():
+        log.info("train.keep_host_memory: not glibc; freed host memory is returned to the system as usual")
     if not info.is_main:
         logging.getLogger("seqrec").setLevel(logging.WARNING)
     return _Trainer(config, info, device).run(resume)
@@ -168,6 +170,10 @@ class _Trainer:
         self.objective = MaskedItemObjective(model, config.loss.mask_prob)
         self.engine = TrainingEngine(self.objective, config, self.plan, self.total_steps, self.amp)
         self.model = self.engine.model
+        if config.model.compile:
+            if self.engine.zero_stage == 3:
+                raise ConfigError("model.compile: not supported with ZeRO-3 (its hooks gather partitioned weights); use stage 0-2 or compile: false")
+            self.model.compile_encoder()
         self.generator = torch.Generator(device=self.device).manual_seed(config.train.seed * 1_000_003 + info.rank)
         self.loss_weights = (0.0, 1.0) if model.causal else (config.loss.tail_weight, config.loss.masked_weight)
         log.info(

@@ -68,3 +68,25 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_factor(55, 10, 100, "linear") == pytest.approx(0.5)
     assert lr_factor(100, 10, 100, "cosine") == pytest.approx(0.0)
     assert lr_factor(50, 10, 100, "constant") == 1.0
+
+
+def _step_losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+@pytest.mark.slow
+def test_compiled_encoder_trains_like_the_eager_one(small_dataset, tmp_path):
+    overrides = ("train.max_steps=3", "train.log_every=1", "model.dropout=0.0", "train.precision=fp32")
+    eager = run(_config(small_dataset, tmp_path / "eager", *overrides))
+    compiled = run(_config(small_dataset, tmp_path / "compiled", *overrides, "model.compile=true"))
+    assert compiled.metrics["steps"] == eager.metrics["steps"] == 3
+    assert _step_losses(tmp_path / "compiled") == pytest.approx(_step_losses(tmp_path / "eager"), rel=1e-3)
+    assert compiled.metrics["test"]["NDCG@10"] == pytest.approx(eager.metrics["test"]["NDCG@10"], abs=0.02)
+
+
+def test_compile_with_zero3_is_a_config_error(small_dataset, tmp_path):
+    from seqrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.compile"):
+        run(_config(small_dataset, tmp_path / "run", "model.compile=true", "distributed.zero_stage=3", "train.max_steps=1"))
