@@ -80,8 +80,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per recipe (after 2 warm-up steps)")
     parser.add_argument("--eval-users", type=int, default=2048)
     parser.add_argument("--naive-eval-users", type=int, default=256)
-    parser.add_argument("--mfu-settings", nargs="*", default=["1024x2", "256x6"],
-                        help="extra BATCHxLAYERS settings whose MFU is reported beside the main one")
+    parser.add_argument("--mfu-settings", nargs="*", default=["256x2c", "1024x2", "256x6", "1024x6", "1024x6c"],
+                        help="extra BATCHxLAYERS[c] settings whose MFU is reported beside the main one (c: model.compile)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 256 users; figures not kept")
     args = parser.parse_args()
     if args.quick:
@@ -124,14 +124,19 @@ def main() -> None:
         generator = torch.Generator().manual_seed(0)
         return [(items, torch.rand(items.shape, generator=generator)) for items in batches]
 
-    def seqrec_step_figures(batch_size: int, keep_layers: int) -> dict:
+    def seqrec_step_figures(batch_size: int, keep_layers: int, compile_encoder: bool = False) -> dict:
         """The product's training step (DeepSpeed engine, bf16 autocast): seconds and model FLOPs."""
         setting = load_config(None, [*base_overrides, f"model.keep_layers={keep_layers}", f"train.batch_size={batch_size}"])
         pairs = step_batches(batch_size)
         torch.manual_seed(0)
         model, _ = build_model(setting.model, data.num_items, max_len)
         engine = TrainingEngine(MaskedItemObjective(model, setting.loss.mask_prob), setting, plan_batches(setting, 1), 10**6, torch.bfloat16)
-        seconds = timed(lambda pair: optimizer_step(engine, [pair[0]], [pair[1]], (1.0, 1.0), 1), pairs)
+        step = lambda pair: optimizer_step(engine, [pair[0]], [pair[1]], (1.0, 1.0), 1)  # noqa: E731
+        if compile_encoder:
+            model.compile_encoder()
+            for pair in pairs:  # compile every sequence length first: compilation is not step time
+                step(pair)
+        seconds = timed(step, pairs)
         measured = pairs[2:]
         tokens = sum(items.numel() for items, _ in measured) / len(measured)
         length = sum(items.shape[1] for items, _ in measured) / len(measured)
@@ -148,9 +153,10 @@ def main() -> None:
     sequences, length, scored = main_setting["sequences"], main_setting["length"], main_setting["scored"]
     other_settings = {}
     for spec in args.mfu_settings:
-        batch_size, keep_layers = (int(part) for part in spec.split("x"))
-        figures = seqrec_step_figures(batch_size, keep_layers)
-        other_settings[f"batch {batch_size}, {keep_layers} layers"] = {
+        compile_encoder = spec.endswith("c")
+        batch_size, keep_layers = (int(part) for part in spec.removesuffix("c").split("x"))
+        figures = seqrec_step_figures(batch_size, keep_layers, compile_encoder)
+        other_settings[f"batch {batch_size}, {keep_layers} layers" + (", model.compile" if compile_encoder else "")] = {
             "mfu": round(figures["flops"] / figures["seconds"] / peak_bf16, 3),
             "sequences_per_s": round(figures["sequences"] / figures["seconds"], 1),
             "model_gflop_per_step": round(figures["flops"] / 1e9, 2), "step_s": round(figures["seconds"], 4),
