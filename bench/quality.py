@@ -1,6 +1,7 @@
 """Quality benchmark: recipes side by side under the published full-ranking leave-one-out protocol.
 
-    python bench/quality.py --dataset beauty|ml-1m|PREPARED_DIR [--epochs N] [--minutes M] [--keep-layers K] [--recipes ...]
+    python bench/quality.py --dataset beauty|ml-1m|PREPARED_DIR [--epochs N] [--minutes M] [--keep-layers K]
+        [--batch-size B] [--lr LR] [--warmup-steps W] [--recipes ...] [--set key=value ...]
 
 Recipes, all measured here on the same prepared data:
   default       pretrained all-MiniLM-L6-v2 (first K layers), tail + masked-item losses
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--keep-layers", type=int, default=2, help="encoder layers kept (6 = the full MiniLM)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up; keep it well below the steps a budget allows")
     parser.add_argument("--max-len", type=int, help="default: 50 for beauty, 200 for ml-1m")
     parser.add_argument("--recipes", nargs="+", help="subset of default scratch causal popularity default-text")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override for every recipe")
@@ -89,7 +91,7 @@ def main() -> None:
     wanted = args.recipes or ["default", "scratch", "causal", "popularity"] + (["default-text"] if has_titles else [])
     common = [
         f"data.dataset={root}", f"data.max_len={max_len}", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
-        f"optim.lr={args.lr}", "optim.warmup_steps=200", "train.patience=3", "eval.batch_size=512", "train.log_every=100",
+        f"optim.lr={args.lr}", f"optim.warmup_steps={args.warmup_steps}", "train.patience=3", "eval.batch_size=512", "train.log_every=100",
         *( [f"train.time_limit_minutes={args.minutes}"] if args.minutes else []), *args.overrides,
     ]
     results = []
