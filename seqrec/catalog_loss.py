@@ -8,7 +8,7 @@ passes, not the matmuls, took most of the step on CPU (page faults on each new b
 a GPU they bound the batch size long before the model does.
 
 Here the scores are built once, in the compute dtype, without the bias (a broadcast bias in
-the matmul cost the CPU GEMM a third of its speed). Each cache-sized block of rows is then
+the matmul made the CPU GEMM about a quarter slower). Each cache-sized block of rows is then
 taken to fp32, the bias added, and its softmax computed with one exponential per score; the
 probabilities overwrite the scores in place and are what backward keeps. Backward turns them
 into the gradient (minus one at the label, times the incoming gradient) block by block, again
