@@ -44,3 +44,14 @@ def test_freed_large_tensors_are_reused_without_page_faults():
     default, kept = _steady_state_faults("default"), _steady_state_faults("keep")
     assert default > 2 * pages_per_step  # mapped afresh, every page faults again on each step
     assert kept < pages_per_step // 100, (default, kept)  # reused: the heap stopped growing
+
+
+def test_importing_seqrec_bounds_the_onednn_primitive_cache_unless_the_user_set_it():
+    import os
+
+    probe = "import os, seqrec; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    environment = {key: value for key, value in os.environ.items() if key != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    ours = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=environment, timeout=60)
+    theirs = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                            env={**environment, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"})
+    assert (ours.stdout.strip(), theirs.stdout.strip()) == ("64", "1024"), (ours.stderr, theirs.stderr)
