@@ -120,6 +120,8 @@ class TrainingEngine:
         self.plan = plan
         self.ds_config = deepspeed_config(config, plan, autocast)
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
+        if config.model.compile and self.zero_stage == 3:
+            raise ConfigError("model.compile: not supported with ZeRO-3 (its hooks gather partitioned weights); use stage 0-2 or compile: false")
         model = objective.model
         if self.zero_stage == 3:
             for parameter in model.scoring_parameters():

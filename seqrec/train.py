@@ -171,8 +171,6 @@ class _Trainer:
         self.engine = TrainingEngine(self.objective, config, self.plan, self.total_steps, self.amp)
         self.model = self.engine.model
         if config.model.compile:
-            if self.engine.zero_stage == 3:
-                raise ConfigError("model.compile: not supported with ZeRO-3 (its hooks gather partitioned weights); use stage 0-2 or compile: false")
             self.model.compile_encoder()
         self.generator = torch.Generator(device=self.device).manual_seed(config.train.seed * 1_000_003 + info.rank)
         self.loss_weights = (0.0, 1.0) if model.causal else (config.loss.tail_weight, config.loss.masked_weight)
