@@ -3,6 +3,7 @@ the next one, so a training step stops page-faulting on its large buffers."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -47,8 +48,6 @@ def test_freed_large_tensors_are_reused_without_page_faults():
 
 
 def test_importing_seqrec_bounds_the_onednn_primitive_cache_unless_the_user_set_it():
-    import os
-
     probe = "import os, seqrec; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
     environment = {key: value for key, value in os.environ.items() if key != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
     ours = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=environment, timeout=60)
