@@ -91,9 +91,15 @@ class LossConfig:
     mask_prob: float = 0.3
     tail_weight: float = 1.0
     masked_weight: float = 1.0
+    # Share of training sequences cut to a random prefix (>= 2 items) before masking, a fresh cut
+    # each time a sequence is drawn. Uncut, a sequence's tail is the same item every epoch and the
+    # tail loss memorises it; cut, the next-item target moves over the whole history.
+    # Bidirectional models only (the causal baseline already predicts at every position).
+    prefix_prob: float = 0.0
 
     def validate(self) -> None:
         _check(0 < self.mask_prob < 1, "loss.mask_prob", "must be in (0, 1)", self.mask_prob)
+        _check(0 <= self.prefix_prob <= 1, "loss.prefix_prob", "must be in [0, 1]", self.prefix_prob)
         _check(self.tail_weight >= 0 and self.masked_weight >= 0, "loss.tail_weight/masked_weight", "must be >= 0", (self.tail_weight, self.masked_weight))
         _check(self.tail_weight + self.masked_weight > 0, "loss.tail_weight/masked_weight", "must not both be 0", (self.tail_weight, self.masked_weight))
 

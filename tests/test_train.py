@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
 from seqrec.cli import main
 from seqrec.config import load_config
@@ -42,6 +44,22 @@ def test_causal_baseline_trains_through_the_same_loop(small_dataset, tmp_path):
     overrides = ("train.epochs=8", "model.attention=causal", "model.dropout=0.0", "data.max_len=30")
     result = run(_config(small_dataset, tmp_path / "run", *overrides))
     assert result.metrics["test"]["NDCG@10"] > 1.5 * result.metrics["popularity"]["test"]["NDCG@10"]
+
+
+def test_prefix_cutting_reaches_the_trained_batches(small_dataset, tmp_path, monkeypatch):
+    import seqrec.train as train_module
+
+    seen = []
+    real_step = train_module.optimizer_step
+    monkeypatch.setattr(train_module, "optimizer_step", lambda engine, items, *rest: (seen.extend(items), real_step(engine, items, *rest))[1])
+    run(_config(small_dataset, tmp_path / "uncut", "train.max_steps=4", "data.max_len=30"))
+    uncut_lengths, seen[:] = torch.cat([(batch != 0).sum(dim=1) for batch in seen]), []
+    run(_config(small_dataset, tmp_path / "cut", "train.max_steps=4", "data.max_len=30", "loss.prefix_prob=1.0", "train.log_every=1"))
+    cut_lengths = torch.cat([(batch != 0).sum(dim=1) for batch in seen])
+    assert cut_lengths.float().mean() < 0.75 * uncut_lengths.float().mean()
+    assert torch.equal(cut_lengths < 2, uncut_lengths < 2), "no row is emptied"
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
 
 
 def test_max_steps_and_early_stopping_bound_the_run(small_dataset, tmp_path):
