@@ -9,7 +9,9 @@ On the Beauty data (54,542 items) with all-MiniLM-L6-v2 (hidden 384, first K lay
                            tail states copied in a Python loop, default AdamW; same batches, same dtype.
   mfu_cpu                  achieved model FLOP/s of seqrec's step / this machine's bf16 matmul peak,
                            measured here (model FLOPs: encoder matmuls + attention + head on the scored
-                           rows, x3 for forward + backward, over the padded batch).
+                           rows, x3 for forward + backward, over the padded batch). Other settings
+                           (--mfu-settings) beside it: batch, layers, model.compile, and ML-1M batches
+                           (200-item sequences: encoder-bound, unlike Beauty's head-bound ~10-item ones).
   eval_users_per_s_ratio   the item-sharded evaluator (1 process) over a naive dense evaluator (full
                            vocabulary logits at every position, Python loop for the mask position, a
                            full argsort per user), full-catalogue ranking of validation users.
@@ -73,6 +75,9 @@ def timed(function, batches, warmup: int = 2) -> float:
     return (time.perf_counter() - started) / max(1, len(batches) - warmup)
 
 
+DEFAULT_MFU_SETTINGS = ["256x2c", "1024x2", "256x6", "1024x6", "1024x6c", "ml-1m:64x2", "ml-1m:64x2c", "ml-1m:64x6c"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep-layers", type=int, default=2)
@@ -80,12 +85,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per recipe (after 2 warm-up steps)")
     parser.add_argument("--eval-users", type=int, default=2048)
     parser.add_argument("--naive-eval-users", type=int, default=256)
-    parser.add_argument("--mfu-settings", nargs="*", default=["256x2c", "1024x2", "256x6", "1024x6", "1024x6c"],
-                        help="extra BATCHxLAYERS[c] settings whose MFU is reported beside the main one (c: model.compile)")
+    parser.add_argument("--mfu-settings", nargs="*", default=None,
+                        help="extra [DATASET:]BATCHxLAYERS[c] settings whose MFU is reported beside the main one "
+                             "(DATASET: beauty (default) or ml-1m, whose 200-item sequences make the encoder dominate; c: model.compile). "
+                             f"Default: {' '.join(DEFAULT_MFU_SETTINGS)}; none with --quick")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 256 users; figures not kept")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.eval_users, args.naive_eval_users, args.mfu_settings = 3, 256, 64, []
+        args.steps, args.eval_users, args.naive_eval_users = 3, 256, 64
+    if args.mfu_settings is None:
+        args.mfu_settings = [] if args.quick else DEFAULT_MFU_SETTINGS
 
     import numpy as np
     import torch
@@ -109,27 +118,34 @@ def main() -> None:
     distributed.init("cpu", timeout_minutes=30)
     # As CPU training does (train.keep_host_memory); process-wide, so the naive recipe gets it too.
     host_memory_kept = keep_freed_host_memory()
-    root, max_len, _ = prepared("beauty")
-    data = PreparedDataset.open(root)
-    base_overrides = ["model.pretrained=minilm", f"data.max_len={max_len}", "train.precision=bf16", "train.device=cpu", "model.dropout=0.0"]
-    config = load_config(None, [*base_overrides, f"model.keep_layers={args.keep_layers}", f"train.batch_size={args.batch}"])
+    def dataset(name: str) -> tuple[PreparedDataset, int]:
+        root, length_cap, _ = prepared(name)
+        return PreparedDataset.open(root), length_cap
+
+    def overrides(length_cap: int) -> list[str]:
+        return ["model.pretrained=minilm", f"data.max_len={length_cap}", "train.precision=bf16", "train.device=cpu", "model.dropout=0.0"]
+
+    data, max_len = dataset("beauty")
+    config = load_config(None, [*overrides(max_len), f"model.keep_layers={args.keep_layers}", f"train.batch_size={args.batch}"])
     options = StreamOptions(max_len, shuffle_buffer=2000, seed=0)
 
-    def step_batches(batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def step_batches(source: PreparedDataset, length_cap: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         batches = []
-        for batch in sequence_loader(data.sequences(options), options, batch_size, num_workers=0):
+        stream = StreamOptions(length_cap, shuffle_buffer=2000, seed=0)
+        for batch in sequence_loader(source.sequences(stream), stream, batch_size, num_workers=0):
             batches.append(batch.items)
             if len(batches) == args.steps + 2:
                 break
         generator = torch.Generator().manual_seed(0)
         return [(items, torch.rand(items.shape, generator=generator)) for items in batches]
 
-    def seqrec_step_figures(batch_size: int, keep_layers: int, compile_encoder: bool = False) -> dict:
+    def seqrec_step_figures(batch_size: int, keep_layers: int, compile_encoder: bool = False, name: str = "beauty") -> dict:
         """The product's training step (DeepSpeed engine, bf16 autocast): seconds and model FLOPs."""
-        setting = load_config(None, [*base_overrides, f"model.keep_layers={keep_layers}", f"train.batch_size={batch_size}"])
-        pairs = step_batches(batch_size)
+        source, length_cap = (data, max_len) if name == "beauty" else dataset(name)
+        setting = load_config(None, [*overrides(length_cap), f"model.keep_layers={keep_layers}", f"train.batch_size={batch_size}"])
+        pairs = step_batches(source, length_cap, batch_size)
         torch.manual_seed(0)
-        model, _ = build_model(setting.model, data.num_items, max_len)
+        model, _ = build_model(setting.model, source.num_items, length_cap)
         engine = TrainingEngine(MaskedItemObjective(model, setting.loss.mask_prob), setting, plan_batches(setting, 1), 10**6, torch.bfloat16)
         step = lambda pair: optimizer_step(engine, [pair[0]], [pair[1]], (1.0, 1.0), 1)  # noqa: E731
         if compile_encoder:
@@ -141,8 +157,10 @@ def main() -> None:
         tokens = sum(items.numel() for items, _ in measured) / len(measured)
         length = sum(items.shape[1] for items, _ in measured) / len(measured)
         scored = sum(int((mask_from_draws(items, d, 0.3).labels != IGNORE_LABEL).sum()) for items, d in measured) / len(measured)
+        items_share = sum(int((items != 0).sum()) for items, _ in measured) / len(measured) / tokens
         return {"pairs": pairs, "model": model, "seconds": seconds, "sequences": sum(items.shape[0] for items, _ in measured) / len(measured),
-                "length": length, "scored": scored, "flops": step_flops(model.mlm.config, tokens, length, scored, data.num_items)}
+                "length": length, "scored": scored, "items_share": items_share,
+                "flops": step_flops(model.mlm.config, tokens, length, scored, source.num_items)}
 
     peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
     bandwidth = copy_bandwidth()
@@ -153,13 +171,17 @@ def main() -> None:
     sequences, length, scored = main_setting["sequences"], main_setting["length"], main_setting["scored"]
     other_settings = {}
     for spec in args.mfu_settings:
-        compile_encoder = spec.endswith("c")
-        batch_size, keep_layers = (int(part) for part in spec.removesuffix("c").split("x"))
-        figures = seqrec_step_figures(batch_size, keep_layers, compile_encoder)
-        other_settings[f"batch {batch_size}, {keep_layers} layers" + (", model.compile" if compile_encoder else "")] = {
+        name, _, shape = spec.rpartition(":")
+        name = name or "beauty"
+        compile_encoder = shape.endswith("c")
+        batch_size, keep_layers = (int(part) for part in shape.removesuffix("c").split("x"))
+        figures = seqrec_step_figures(batch_size, keep_layers, compile_encoder, name)
+        label = ("" if name == "beauty" else f"{name}, ") + f"batch {batch_size}, {keep_layers} layers" + (", model.compile" if compile_encoder else "")
+        other_settings[label] = {
             "mfu": round(figures["flops"] / figures["seconds"] / peak_bf16, 3),
             "sequences_per_s": round(figures["sequences"] / figures["seconds"], 1),
             "model_gflop_per_step": round(figures["flops"] / 1e9, 2), "step_s": round(figures["seconds"], 4),
+            "mean_padded_length": round(figures["length"], 1), "non_pad_token_share": round(figures["items_share"], 3),
         }
         del figures
 
