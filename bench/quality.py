@@ -1,7 +1,7 @@
 """Quality benchmark: recipes side by side under the published full-ranking leave-one-out protocol.
 
     python bench/quality.py --dataset beauty|ml-1m|PREPARED_DIR [--epochs N] [--minutes M] [--keep-layers K]
-        [--batch-size B] [--lr LR] [--warmup-steps W] [--recipes ...] [--set key=value ...]
+        [--batch-size B] [--lr LR] [--warmup-steps W] [--recipes ...] [--set key=value ...] [--label L]
 
 Recipes, all measured here on the same prepared data:
   default       pretrained all-MiniLM-L6-v2 (first K layers), tail + masked-item losses
@@ -10,6 +10,9 @@ Recipes, all measured here on the same prepared data:
                 every position (the SASRec+ baseline of Klenitskiy & Vasilev 2023)
   popularity    items ranked by training frequency
   default-text  (datasets with titles) default with item embeddings from title word pieces
+
+With --label L, rows are named "RECIPE (L)", so an ablation (say --set loss.prefix_prob=0.5
+--label prefix-0.5) sits beside the plain recipe instead of replacing it.
 
 Writes bench/results/quality_<dataset>.json and .md. CPU budgets are far below the published
 training runs; each result records its epochs and seconds so figures are read in that light.
@@ -75,6 +78,7 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, help="default: 50 for beauty, 200 for ml-1m")
     parser.add_argument("--recipes", nargs="+", help="subset of default scratch causal popularity default-text")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override for every recipe")
+    parser.add_argument("--label", help="suffix for the rows' recipe names, for ablations kept beside the plain recipe")
     args = parser.parse_args()
     import logging
 
@@ -94,17 +98,21 @@ def main() -> None:
         f"optim.lr={args.lr}", f"optim.warmup_steps={args.warmup_steps}", "train.patience=3", "eval.batch_size=512", "train.log_every=100",
         *( [f"train.time_limit_minutes={args.minutes}"] if args.minutes else []), *args.overrides,
     ]
+    unknown = set(wanted) - {*recipes(args.keep_layers), "popularity"}
+    if unknown:
+        parser.error(f"unknown recipe(s) {sorted(unknown)}; known: {sorted({*recipes(args.keep_layers), 'popularity'})}")
     results = []
     for recipe in wanted:
         started = time.perf_counter()
+        row_name = f"{recipe} ({args.label})" if args.label else recipe
         if recipe == "popularity":
             evaluation = popularity_baseline(data, max_len, EvalConfig(batch_size=512))
-            results.append({"recipe": recipe, **evaluation, "train_seconds": 0.0, "epochs": 0, "config": {}})
+            results.append({"recipe": row_name, **evaluation, "train_seconds": 0.0, "epochs": 0, "config": {}})
             continue
         config = load_config(REPO / "configs" / "demo.yaml", [*common, *recipes(args.keep_layers)[recipe], f"name=quality-{name}-{recipe}"])
         metrics = run(config).metrics
         results.append({
-            "recipe": recipe, "valid": metrics["valid"], "test": metrics["test"],
+            "recipe": row_name, "valid": metrics["valid"], "test": metrics["test"],
             "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs_run"], "best_epoch": metrics["best_epoch"],
             "sequences_per_s": metrics["sequences_per_s"], "wall_seconds": round(time.perf_counter() - started, 1),
             "config": config.to_dict(),
@@ -120,12 +128,14 @@ def _write(name: str, results: list[dict], published: dict, args: argparse.Names
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
     for row in results:
         row.setdefault("command", command)
+        row.setdefault("machine", machine())
     path = RESULTS / f"quality_{name}.json"
     earlier = json.loads(path.read_text()) if path.is_file() else {}
     ran = {row["recipe"] for row in results}
     kept = [row for row in earlier.get("results", []) if row["recipe"] not in ran]
     for row in kept:
         row.setdefault("command", earlier.get("command", "unknown"))
+        row.setdefault("machine", earlier.get("machine", "unknown"))
     results = kept + results
     payload = {
         "dataset": name,
@@ -139,14 +149,14 @@ def _write(name: str, results: list[dict], published: dict, args: argparse.Names
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
-        f"# Quality on {name}", "", PROTOCOL + ".", "", f"Machine: {payload['machine']}", "",
-        "| recipe | test HR@10 | test NDCG@10 | valid NDCG@10 | epochs | train s | command |", "|---|---|---|---|---|---|---|",
+        f"# Quality on {name}", "", PROTOCOL + ".", "", "Time-budgeted rows are comparable only on the same machine (last column).", "",
+        "| recipe | test HR@10 | test NDCG@10 | valid NDCG@10 | epochs | train s | command | machine |", "|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         lines.append(f"| {row['recipe']} | {row['test']['HR@10']:.4f} | {row['test']['NDCG@10']:.4f} | {row['valid'].get('NDCG@10', float('nan')):.4f} "
-                     f"| {row['epochs']} | {row['train_seconds']:.0f} | `{row['command']}` |")
+                     f"| {row['epochs']} | {row['train_seconds']:.0f} | `{row['command']}` | {row['machine']} |")
     for model, (hr, ndcg) in published.items():
-        lines.append(f"| published {model} | {hr:.4f} | {ndcg:.4f} | | | | |")
+        lines.append(f"| published {model} | {hr:.4f} | {ndcg:.4f} | | | | | |")
     (RESULTS / f"quality_{name}.md").write_text("\n".join(lines) + "\n")
 
 
