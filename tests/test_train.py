@@ -52,7 +52,7 @@ def test_prefix_cutting_reaches_the_trained_batches(small_dataset, tmp_path, mon
     seen = []
     real_step = train_module.optimizer_step
     monkeypatch.setattr(train_module, "optimizer_step", lambda engine, items, *rest: (seen.extend(items), real_step(engine, items, *rest))[1])
-    run(_config(small_dataset, tmp_path / "uncut", "train.max_steps=4", "data.max_len=30"))
+    run(_config(small_dataset, tmp_path / "uncut", "train.max_steps=4", "data.max_len=30", "loss.prefix_prob=0.0"))
     uncut_lengths, seen[:] = torch.cat([(batch != 0).sum(dim=1) for batch in seen]), []
     run(_config(small_dataset, tmp_path / "cut", "train.max_steps=4", "data.max_len=30", "loss.prefix_prob=1.0", "train.log_every=1"))
     cut_lengths = torch.cat([(batch != 0).sum(dim=1) for batch in seen])
