@@ -23,6 +23,7 @@ Writes bench/results/efficiency.json and efficiency.md (merging figures other sc
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -118,20 +119,24 @@ def main() -> None:
     distributed.init("cpu", timeout_minutes=30)
     # As CPU training does (train.keep_host_memory); process-wide, so the naive recipe gets it too.
     host_memory_kept = keep_freed_host_memory()
+    @functools.cache
     def dataset(name: str) -> tuple[PreparedDataset, int]:
         root, length_cap, _ = prepared(name)
         return PreparedDataset.open(root), length_cap
+
+    def stream_options(length_cap: int) -> StreamOptions:
+        return StreamOptions(length_cap, shuffle_buffer=2000, seed=0)
 
     def overrides(length_cap: int) -> list[str]:
         return ["model.pretrained=minilm", f"data.max_len={length_cap}", "train.precision=bf16", "train.device=cpu", "model.dropout=0.0"]
 
     data, max_len = dataset("beauty")
     config = load_config(None, [*overrides(max_len), f"model.keep_layers={args.keep_layers}", f"train.batch_size={args.batch}"])
-    options = StreamOptions(max_len, shuffle_buffer=2000, seed=0)
+    options = stream_options(max_len)
 
     def step_batches(source: PreparedDataset, length_cap: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         batches = []
-        stream = StreamOptions(length_cap, shuffle_buffer=2000, seed=0)
+        stream = stream_options(length_cap)
         for batch in sequence_loader(source.sequences(stream), stream, batch_size, num_workers=0):
             batches.append(batch.items)
             if len(batches) == args.steps + 2:
@@ -141,7 +146,7 @@ def main() -> None:
 
     def seqrec_step_figures(batch_size: int, keep_layers: int, compile_encoder: bool = False, name: str = "beauty") -> dict:
         """The product's training step (DeepSpeed engine, bf16 autocast): seconds and model FLOPs."""
-        source, length_cap = (data, max_len) if name == "beauty" else dataset(name)
+        source, length_cap = dataset(name)
         setting = load_config(None, [*overrides(length_cap), f"model.keep_layers={keep_layers}", f"train.batch_size={batch_size}"])
         pairs = step_batches(source, length_cap, batch_size)
         torch.manual_seed(0)

@@ -98,9 +98,9 @@ def main() -> None:
         f"optim.lr={args.lr}", f"optim.warmup_steps={args.warmup_steps}", "train.patience=3", "eval.batch_size=512", "train.log_every=100",
         *( [f"train.time_limit_minutes={args.minutes}"] if args.minutes else []), *args.overrides,
     ]
-    unknown = set(wanted) - {*recipes(args.keep_layers), "popularity"}
-    if unknown:
-        parser.error(f"unknown recipe(s) {sorted(unknown)}; known: {sorted({*recipes(args.keep_layers), 'popularity'})}")
+    known = {*recipes(args.keep_layers), "popularity"}
+    if set(wanted) - known:
+        parser.error(f"unknown recipe(s) {sorted(set(wanted) - known)}; known: {sorted(known)}")
     results = []
     for recipe in wanted:
         started = time.perf_counter()
