@@ -113,6 +113,10 @@ class OptimConfig:
     warmup_steps: int = 100
     schedule: str = "linear"
     grad_clip: float = 1.0
+    # With train.time_limit_minutes: at each epoch end the decay is re-planned to end at the
+    # epoch where the budget will stop training (else a budget cuts the decay part-way, at a
+    # high learning rate). False: the decay spans train.epochs / max_steps regardless.
+    fit_schedule_to_time_limit: bool = True
 
     def validate(self) -> None:
         _check(self.lr > 0, "optim.lr", "must be > 0", self.lr)

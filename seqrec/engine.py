@@ -149,6 +149,15 @@ class TrainingEngine:
         self.engine.step()
 
     @property
+    def planned_steps(self) -> int:
+        return self.scheduler.lr_lambdas[0].total_steps
+
+    def replan(self, total_steps: int) -> None:
+        """Move the end of the learning-rate decay (every rank must pass the same value)."""
+        for schedule in self.scheduler.lr_lambdas:
+            schedule.total_steps = total_steps
+
+    @property
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 

@@ -34,7 +34,26 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
     return max(0.0, 1.0 - progress)
 
 
+class Schedule:
+    """The multiplier as a callable object whose horizon may be re-planned mid-run (a time budget
+    learns how many steps it allows only once steps are timed). LambdaLR checkpoints the fields
+    of callable objects, so a resumed run continues the same, re-planned curve."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, kind: str):
+        self.warmup_steps, self.total_steps, self.kind = warmup_steps, total_steps, kind
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.warmup_steps, self.total_steps, self.kind)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, config.warmup_steps, total_steps, config.schedule)
-    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(config.warmup_steps, total_steps, config.schedule))
+
+
+def planned_total_steps(step: int, elapsed_s: float, limit_s: float, cycle_s: float, next_epoch_steps: list[int], cap: int) -> int:
+    """Where a time-budgeted run will stop, in optimiser steps. Training stops at the first epoch
+    end past the budget; with epochs (training plus validation) of about `cycle_s` seconds, that
+    is k more epochs with k the least count such that elapsed + k x cycle > limit. Capped by
+    the step budget and by the epochs left (`next_epoch_steps`)."""
+    more = int(max(0.0, limit_s - elapsed_s) // max(cycle_s, 1e-9)) + 1
+    return max(step, min(cap, step + sum(next_epoch_steps[:more])))

@@ -35,6 +35,7 @@ from seqrec.evaluate import evaluate_model, evaluate_popularity, format_table
 from seqrec.losses import LossParts, MaskedItemObjective
 from seqrec.masking import random_prefixes
 from seqrec.model import build_model
+from seqrec.optim import planned_total_steps
 from seqrec.runtime import autocast_dtype, keep_freed_host_memory, resolve_device
 from seqrec.tracking import Tracker
 
@@ -204,15 +205,15 @@ class _Trainer:
 
         self.engine.train()
         finished = state.step >= self.total_steps
+        last_epoch_end = time.perf_counter()
         while not finished and state.epoch < config.train.epochs:
             epoch = state.epoch
             epoch_started = time.perf_counter()
             ran_dry = self._train_epoch(state)
-            state.train_seconds += time.perf_counter() - epoch_started
-            limit = config.train.time_limit_minutes
-            out_of_time = distributed.broadcast_object(limit is not None and time.perf_counter() - started > 60 * limit)
-            if out_of_time:
-                log.info("time limit of %.1f minutes reached after epoch %d", limit, epoch)
+            now = time.perf_counter()
+            state.train_seconds += now - epoch_started
+            out_of_time = self._check_time_budget(state, now - started, now - last_epoch_end)
+            last_epoch_end = now
             finished = state.step >= self.total_steps or epoch + 1 == config.train.epochs or out_of_time
             stop = False
             if (epoch + 1) % config.train.eval_every == 0 or finished:
@@ -236,6 +237,26 @@ class _Trainer:
         if not distributed.broadcast_object((self.checkpoints / checkpoint.tag_for(state.step) / checkpoint.COMPLETE_MARKER).is_file()):
             self._checkpoint(state)
         return self._finish(state, started, evaluate, test_set, resume_from)
+
+    def _check_time_budget(self, state: LoopState, elapsed_s: float, cycle_s: float) -> bool:
+        """At an epoch end: whether the time budget is spent, and, while it is not, re-plan the
+        learning-rate decay to end where the budget will stop training (the step count an epoch
+        of `cycle_s` seconds, validation included, allows). Rank 0's clock decides for all ranks."""
+        limit = self.config.train.time_limit_minutes
+        if limit is None:
+            return False
+        out_of_time = elapsed_s > 60 * limit
+        planned = None
+        if self.config.optim.fit_schedule_to_time_limit and not out_of_time:
+            planned = planned_total_steps(state.step, elapsed_s, 60 * limit, cycle_s, self.epoch_steps[state.epoch + 1:], self.total_steps)
+        out_of_time, planned = distributed.broadcast_object((out_of_time, planned))
+        if out_of_time:
+            log.info("time limit of %.1f minutes reached after epoch %d", limit, state.epoch)
+        elif planned is not None and planned != self.engine.planned_steps:
+            log.info("time budget: %.1f of %.1f minutes used, ~%.0f s per epoch; learning-rate decay now ends at step %d (was %d)",
+                     elapsed_s / 60, limit, cycle_s, planned, self.engine.planned_steps)
+            self.engine.replan(planned)
+        return out_of_time
 
     def _train_epoch(self, state: LoopState) -> list[int] | None:
         """One epoch (or its remainder after a resume); returns each rank's leftover micro-batches."""
@@ -348,6 +369,7 @@ class _Trainer:
                 "best_epoch": state.best_epoch,
                 "epochs_run": state.epoch,
                 "steps": state.step,
+                "schedule_steps": self.engine.planned_steps,
                 "train_seconds": round(state.train_seconds, 2),
                 "sequences_per_s": round(state.sequences_seen / state.train_seconds, 1) if state.train_seconds else None,
                 "total_seconds": round(time.perf_counter() - started, 2),

@@ -108,3 +108,63 @@ def test_compile_with_zero3_is_a_config_error(small_dataset, tmp_path):
 
     with pytest.raises(ConfigError, match="model.compile"):
         run(_config(small_dataset, tmp_path / "run", "model.compile=true", "distributed.zero_stage=3", "train.max_steps=1"))
+
+
+def test_time_budget_plan_counts_the_epochs_that_start_before_the_limit():
+    from seqrec.optim import planned_total_steps
+
+    # 100 s used of 300, epochs of 60 s: ends at 160, 220, 280 (under), 340 (past): 4 more epochs.
+    assert planned_total_steps(50, 100.0, 300.0, 60.0, [10] * 20, 10**6) == 50 + 40
+    assert planned_total_steps(50, 100.0, 300.0, 60.0, [10] * 2, 10**6) == 50 + 20, "no more epochs than train.epochs leaves"
+    assert planned_total_steps(50, 100.0, 300.0, 60.0, [10] * 20, 75) == 75, "the step budget still caps it"
+    assert planned_total_steps(50, 310.0, 300.0, 60.0, [10] * 20, 10**6) == 60, "past the limit: the current epoch's end is the next stop"
+
+
+def test_replanned_schedule_survives_a_scheduler_checkpoint():
+    from seqrec.config import OptimConfig
+    from seqrec.optim import build_scheduler
+
+    def scheduler():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return optimizer, build_scheduler(optimizer, OptimConfig(warmup_steps=2), total_steps=1000)
+
+    _, original = scheduler()
+    original.lr_lambdas[0].total_steps = 12
+    optimizer, restored = scheduler()
+    restored.load_state_dict(original.state_dict())
+    assert restored.lr_lambdas[0].total_steps == 12
+    assert restored.lr_lambdas[0](7) == pytest.approx(lr_factor(7, 2, 12, "linear"))
+
+
+class _TickingClock:
+    """time.perf_counter for the training loop that advances one second per reading: the loop's
+    clock readings per epoch are fixed by its code path, so epochs take equal 'time' and the
+    time-budget logic is exercised deterministically."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
+@pytest.mark.parametrize("fit", [True, False])
+def test_time_budget_ends_the_learning_rate_decay_where_training_stops(small_dataset, tmp_path, monkeypatch, fit):
+    import types
+
+    import seqrec.train as train_module
+
+    clock = _TickingClock()
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    overrides = ("train.epochs=40", "train.time_limit_minutes=8.0", "train.log_every=1", "train.patience=100", "data.max_len=20",
+                 "optim.warmup_steps=2", f"optim.fit_schedule_to_time_limit={str(fit).lower()}")
+    metrics = run(_config(small_dataset, tmp_path / "run", *overrides)).metrics
+    assert 2 < metrics["epochs_run"] < 40, "the clock's budget, not train.epochs, ends the run"
+    lrs = [row["lr"] for row in (json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+    if fit:
+        assert metrics["schedule_steps"] == metrics["steps"], "the decay was re-planned to end at the last step"
+        assert lrs[-1] < 0.05 * max(lrs)
+    else:
+        assert metrics["schedule_steps"] > 5 * metrics["steps"]
+        assert lrs[-1] > 0.5 * max(lrs)
