@@ -91,11 +91,13 @@ class LossConfig:
     mask_prob: float = 0.3
     tail_weight: float = 1.0
     masked_weight: float = 1.0
-    # Share of training sequences cut to a random prefix (>= 2 items) before masking, a fresh cut
-    # each time a sequence is drawn. Uncut, a sequence's tail is the same item every epoch and the
-    # tail loss memorises it; cut, the next-item target moves over the whole history.
-    # Bidirectional models only (the causal baseline already predicts at every position).
-    # ML-1M, 18 CPU minutes on one machine: test NDCG@10 0.100 with 0.5, 0.051 with 0.
+    # Share of training sequences cut to a random prefix of the whole history (>= 2 items; the
+    # newest data.max_len before the cut kept), a fresh cut each epoch, done by the reader before
+    # length bucketing so shorter rows cost fewer tokens. Uncut, a sequence's tail is the same
+    # item every epoch and the tail loss memorises it; cut, the next-item target moves over the
+    # whole history. Bidirectional models only (the causal baseline predicts at every position).
+    # ML-1M, 18 CPU minutes on one machine: test NDCG@10 0.100 with 0.5, 0.051 with 0
+    # (bench/results/quality_ml-1m.md).
     prefix_prob: float = 0.5
 
     def validate(self) -> None:

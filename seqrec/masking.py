@@ -44,15 +44,3 @@ def mask_from_draws(items: torch.Tensor, draws: torch.Tensor, mask_prob: float) 
     inputs = torch.where(masked, torch.full_like(items, MASK_ITEM), items)
     labels = torch.where(masked, items, torch.full_like(items, IGNORE_LABEL))
     return MaskedBatch(inputs, labels, tail)
-
-
-def random_prefixes(items: torch.Tensor, row_draws: torch.Tensor, prefix_prob: float) -> torch.Tensor:
-    """Rows whose draw (uniform [0, 1), one per row) is below `prefix_prob` keep only their first
-    k items, k uniform in 2..n for a row of n items; other rows, and rows of fewer than 3 items,
-    are unchanged. One draw decides both whether and where to cut (rescaled below the threshold)."""
-    lengths = (items != 0).sum(dim=1)
-    cut = (row_draws < prefix_prob) & (lengths > 2)
-    where = row_draws / max(prefix_prob, 1e-12)
-    kept = torch.where(cut, (2 + (where * (lengths - 1)).long()).clamp(max=lengths), lengths)
-    positions = torch.arange(items.shape[1], device=items.device)
-    return torch.where(positions.unsqueeze(0) < kept.unsqueeze(1), items, torch.zeros_like(items))

@@ -33,7 +33,6 @@ from seqrec.errors import ConfigError
 from seqrec.engine import BatchPlan, TrainingEngine, plan_batches
 from seqrec.evaluate import evaluate_model, evaluate_popularity, format_table
 from seqrec.losses import LossParts, MaskedItemObjective
-from seqrec.masking import random_prefixes
 from seqrec.model import build_model
 from seqrec.optim import planned_total_steps
 from seqrec.runtime import autocast_dtype, keep_freed_host_memory, resolve_device
@@ -127,6 +126,7 @@ class _Trainer:
         self.stream_options = StreamOptions(
             config.data.max_len, config.data.shuffle_buffer, config.train.seed, config.data.pad_multiple,
             windows=config.data.long_sequences == "windows",
+            prefix_prob=0.0 if config.model.attention == "causal" else config.loss.prefix_prob,
         )
 
     # ---- setup -------------------------------------------------------------------------------
@@ -176,7 +176,6 @@ class _Trainer:
             self.model.compile_encoder()
         self.generator = torch.Generator(device=self.device).manual_seed(config.train.seed * 1_000_003 + info.rank)
         self.loss_weights = (0.0, 1.0) if model.causal else (config.loss.tail_weight, config.loss.masked_weight)
-        self.prefix_prob = 0.0 if model.causal else config.loss.prefix_prob
         log.info(
             "training %s on %s: %d items, %d sequences; %d process(es) (%s, %s), ZeRO-%d, micro-batch %d x accumulation %d "
             "x world %d = %d per step, ~%d steps/epoch, device %s, %s",
@@ -309,8 +308,6 @@ class _Trainer:
     def _step(self, micro_batches) -> LossParts:
         items = [batch.items.to(self.device, non_blocking=True) for batch in micro_batches]
         draws = [torch.rand(batch.shape, generator=self.generator, device=self.device) for batch in items]
-        if self.prefix_prob > 0:
-            items = [random_prefixes(batch, torch.rand(batch.shape[0], generator=self.generator, device=self.device), self.prefix_prob) for batch in items]
         return optimizer_step(self.engine, items, draws, self.loss_weights, self.info.world_size)
 
     # ---- state -------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from seqrec.data.prepared import PreparedDataset
 from seqrec.data.shards import sample_key
-from seqrec.data.stream import SequenceSample, StreamOptions, collate, sequence_dataset, sequence_loader, shards_for_rank
+from seqrec.data.stream import SequenceSample, StreamOptions, collate, prefix_lengths, sequence_dataset, sequence_loader, shards_for_rank
 from seqrec.errors import ConfigError, ShardError
 
 
@@ -90,6 +90,60 @@ def test_long_sequences_keep_their_most_recent_items(tmp_path):
     assert len({sample.key for sample in windows}) == 4
 
 
+def test_prefix_lengths_cut_the_chosen_share_to_uniform_prefixes():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 31, 60_000)
+    draws = rng.random(60_000)
+    kept = prefix_lengths(lengths, draws, 0.4)
+    assert np.all((kept >= 2) | (kept == lengths)) and np.all(kept <= lengths)
+    eligible = lengths > 2
+    assert np.array_equal(kept[~eligible], lengths[~eligible]), "sequences of 1-2 items stay whole"
+    chosen = draws[eligible] < 0.4
+    assert np.array_equal(kept[eligible][~chosen], lengths[eligible][~chosen])
+    assert abs(chosen.mean() - 0.4) < 0.01
+    assert np.array_equal(prefix_lengths(lengths, draws, 0.0), lengths)
+    full = prefix_lengths(np.full(60_000, 30), draws, 0.4)[draws < 0.4]
+    counts = np.bincount(full, minlength=31)[2:]  # uniform over 2..30: ~830 each
+    assert counts.min() > 0.85 * counts.mean() and counts.max() < 1.15 * counts.mean()
+
+
+def _long_history_shard(tmp_path, users=400, length=60):
+    from seqrec.data.shards import tar_member
+
+    shard = tmp_path / "train-000000.tar"
+    members = [tar_member(f"{sample_key(user)}.seq.i32".encode(), np.arange(1, length + 1, dtype="<i4").tobytes()) for user in range(users)]
+    shard.write_bytes(b"".join(members) + bytes(1024))
+    return shard
+
+
+def test_prefix_cuts_range_over_the_whole_history_then_keep_the_newest_max_len(tmp_path):
+    shard = _long_history_shard(tmp_path)
+    options = StreamOptions(max_len=8, shuffle_buffer=0, prefix_prob=1.0, seed=5)
+    samples = list(sequence_dataset([shard], options, num_items=60, epoch=0))
+    assert len(samples) == 400, "cutting never drops or adds a sample"
+    ends = np.array([int(sample.items[-1]) for sample in samples])
+    for sample in samples:
+        end = int(sample.items[-1])
+        assert sample.items.tolist() == list(range(max(1, end - 7), end + 1)), "the newest max_len items before the cut"
+    assert 2 <= ends.min() < 10 and ends.max() > 55, "targets come from the whole history, not only its newest max_len"
+    again = [sample.items.tolist() for sample in sequence_dataset([shard], options, num_items=60, epoch=0)]
+    assert again == [sample.items.tolist() for sample in samples], "an epoch replays the same cuts (resume)"
+    other = [sample.items.tolist() for sample in sequence_dataset([shard], options, num_items=60, epoch=1)]
+    assert other != again, "each epoch cuts anew"
+    half = list(sequence_dataset([shard], StreamOptions(max_len=8, shuffle_buffer=0, prefix_prob=0.5, seed=5), num_items=60))
+    assert 0.4 < np.mean([int(sample.items[-1]) < 60 for sample in half]) < 0.6
+
+
+def test_prefix_cuts_with_windows_cut_inside_each_window(tmp_path):
+    shard = _long_history_shard(tmp_path, users=50, length=30)
+    plain = list(sequence_dataset([shard], StreamOptions(max_len=8, shuffle_buffer=0, windows=True), num_items=30))
+    cut = list(sequence_dataset([shard], StreamOptions(max_len=8, shuffle_buffer=0, windows=True, prefix_prob=1.0), num_items=30))
+    assert [sample.key for sample in cut] == [sample.key for sample in plain], "the window count, and so the step count, is unchanged"
+    for whole, part in zip(plain, cut):
+        assert whole.items[: len(part.items)].tolist() == part.items.tolist()
+    assert sum(len(sample.items) for sample in cut) < 0.8 * sum(len(sample.items) for sample in plain)
+
+
 def test_collate_right_pads_to_a_multiple():
     batch = collate([SequenceSample("u1", np.array([5, 6, 7], dtype=np.int32)), SequenceSample("u2", np.array([9], dtype=np.int32))], pad_multiple=4)
     assert batch.items.tolist() == [[5, 6, 7, 0], [9, 0, 0, 0]]
@@ -138,3 +192,5 @@ def test_missing_shard_file_is_reported_when_opening(tiny_dataset, tmp_path):
 def test_stream_options_are_validated():
     with pytest.raises(ConfigError, match="max_len"):
         StreamOptions(max_len=1)
+    with pytest.raises(ConfigError, match="prefix_prob"):
+        StreamOptions(max_len=8, prefix_prob=1.5)

@@ -52,12 +52,13 @@ def test_prefix_cutting_reaches_the_trained_batches(small_dataset, tmp_path, mon
     seen = []
     real_step = train_module.optimizer_step
     monkeypatch.setattr(train_module, "optimizer_step", lambda engine, items, *rest: (seen.extend(items), real_step(engine, items, *rest))[1])
-    run(_config(small_dataset, tmp_path / "uncut", "train.max_steps=4", "data.max_len=30", "loss.prefix_prob=0.0"))
+    # max_len above every history: uncut rows are whole histories, cut rows prefixes of them.
+    run(_config(small_dataset, tmp_path / "uncut", "train.max_steps=4", "data.max_len=512", "loss.prefix_prob=0.0"))
     uncut_lengths, seen[:] = torch.cat([(batch != 0).sum(dim=1) for batch in seen]), []
-    run(_config(small_dataset, tmp_path / "cut", "train.max_steps=4", "data.max_len=30", "loss.prefix_prob=1.0", "train.log_every=1"))
+    run(_config(small_dataset, tmp_path / "cut", "train.max_steps=4", "data.max_len=512", "loss.prefix_prob=1.0", "train.log_every=1"))
     cut_lengths = torch.cat([(batch != 0).sum(dim=1) for batch in seen])
     assert cut_lengths.float().mean() < 0.75 * uncut_lengths.float().mean()
-    assert torch.equal(cut_lengths < 2, uncut_lengths < 2), "no row is emptied"
+    assert int(cut_lengths.min()) >= min(2, int(uncut_lengths.min())), "a cut keeps at least 2 items"
     losses = [json.loads(line)["loss"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
 

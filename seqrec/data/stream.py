@@ -5,6 +5,12 @@ the same seeded shard permutation per epoch, so the parts are disjoint and toget
 every shard exactly once. Inside a worker a seeded shuffle buffer mixes sequences.
 Sequences longer than `max_len` keep their most recent items, or (with `windows`) are cut into
 consecutive windows of `max_len`, newest first, each its own sample.
+
+With `prefix_prob`, that share of the samples is first cut to a random prefix of the whole
+history (each epoch anew, seeded by seed, epoch, rank and worker, so a resumed epoch replays
+the same cuts); the newest `max_len` items before the cut are kept. The next-item target then
+ranges over the whole history instead of repeating each user's last item, and because the cut
+happens before length bucketing, shorter rows cost fewer tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class StreamOptions:
     # short sequences are not padded to a long neighbour's length (on Beauty, ~6x fewer tokens).
     bucket_pool: int = 32
     windows: bool = False
+    prefix_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_len < 2:
@@ -45,6 +52,8 @@ class StreamOptions:
             raise ConfigError(f"pad_multiple must be >= 1, got {self.pad_multiple!r}")
         if self.bucket_pool < 1:
             raise ConfigError(f"bucket_pool must be >= 1 (1 disables length bucketing), got {self.bucket_pool!r}")
+        if not 0 <= self.prefix_prob <= 1:
+            raise ConfigError(f"prefix_prob must be in [0, 1], got {self.prefix_prob!r}")
 
 
 @dataclass(frozen=True)
@@ -101,12 +110,20 @@ def sequence_dataset(
         # More workers than shards is legitimate: such a worker simply yields nothing.
         empty_check=False,
     )
-    dataset = dataset.map(partial(_decode, max_len=None if options.windows else options.max_len, num_items=num_items))
+    truncate_later = options.windows or options.prefix_prob > 0
+    dataset = dataset.map(partial(_decode, max_len=None if truncate_later else options.max_len, num_items=num_items))
     if expected_counts is not None:
         expected = {str(url): count for url, count in expected_counts.items()}
         dataset = dataset.compose(partial(_verify_counts, shards=mine, expected=expected))
+    cuts = partial(_random_prefixes, prefix_prob=options.prefix_prob, seed=(options.seed, epoch, rank))
     if options.windows:
+        # Cut inside each window (cutting the history first would change how many windows, and
+        # so batches, an epoch has: every rank must know its step count in advance).
         dataset = dataset.compose(partial(_windows, max_len=options.max_len))
+        if options.prefix_prob > 0:
+            dataset = dataset.compose(cuts)
+    elif options.prefix_prob > 0:
+        dataset = dataset.compose(cuts).map(partial(_keep_recent, max_len=options.max_len))
     if options.shuffle_buffer > 1:
         dataset = dataset.compose(partial(_shuffle, size=options.shuffle_buffer, seed=(options.seed, epoch, rank)))
     return dataset
@@ -164,6 +181,28 @@ def _length_bucketed(source: Iterator[SequenceSample], batch_size: int, pool: in
         if len(buffer) >= batch_size * pool:
             yield from flush()
     yield from flush()
+
+
+def prefix_lengths(lengths: np.ndarray, draws: np.ndarray, prefix_prob: float) -> np.ndarray:
+    """Items kept per sequence: where a draw (uniform [0, 1)) is below `prefix_prob`, k uniform
+    in 2..n for a sequence of n items; the whole sequence otherwise, and always for n <= 2.
+    One draw decides both whether and where to cut (rescaled below the threshold)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    cut = (draws < prefix_prob) & (lengths > 2)
+    where = draws / max(prefix_prob, 1e-12)
+    return np.where(cut, np.minimum(2 + (where * (lengths - 1)).astype(np.int64), lengths), lengths)
+
+
+def _random_prefixes(source: Iterator[SequenceSample], prefix_prob: float, seed: tuple[int, int, int]) -> Iterator[SequenceSample]:
+    info = get_worker_info()
+    rng = np.random.default_rng([*seed, info.id if info else 0, 0x5EC])
+    for sample in source:
+        kept = int(prefix_lengths(np.array([len(sample.items)]), rng.random(1), prefix_prob)[0])
+        yield sample if kept == len(sample.items) else SequenceSample(sample.key, sample.items[:kept], sample.url)
+
+
+def _keep_recent(sample: SequenceSample, max_len: int) -> SequenceSample:
+    return sample if len(sample.items) <= max_len else SequenceSample(sample.key, sample.items[-max_len:], sample.url)
 
 
 def window_bounds(length: int, max_len: int) -> list[tuple[int, int]]:
