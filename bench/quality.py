@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, versions  # noqa: E402
+from common import RESULTS, code_version, machine, versions  # noqa: E402
 
 DATA_DIR = Path(os.environ.get("SEQREC_DATA_DIR", REPO.parent / "shared" / "data"))
 DATASETS = {
@@ -129,6 +129,7 @@ def _write(name: str, results: list[dict], published: dict, args: argparse.Names
     for row in results:
         row.setdefault("command", command)
         row.setdefault("machine", machine())
+        row.setdefault("code", code_version())
     path = RESULTS / f"quality_{name}.json"
     earlier = json.loads(path.read_text()) if path.is_file() else {}
     ran = {row["recipe"] for row in results}
@@ -149,14 +150,14 @@ def _write(name: str, results: list[dict], published: dict, args: argparse.Names
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
-        f"# Quality on {name}", "", PROTOCOL + ".", "", "Time-budgeted rows are comparable only on the same machine (last column).", "",
-        "| recipe | test HR@10 | test NDCG@10 | valid NDCG@10 | epochs | train s | command | machine |", "|---|---|---|---|---|---|---|---|",
+        f"# Quality on {name}", "", PROTOCOL + ".", "", "Time-budgeted rows are comparable only on the same machine (machine column); code is the seqrec commit measured.", "",
+        "| recipe | test HR@10 | test NDCG@10 | valid NDCG@10 | epochs | train s | command | machine | code |", "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         lines.append(f"| {row['recipe']} | {row['test']['HR@10']:.4f} | {row['test']['NDCG@10']:.4f} | {row['valid'].get('NDCG@10', float('nan')):.4f} "
-                     f"| {row['epochs']} | {row['train_seconds']:.0f} | `{row['command']}` | {row['machine']} |")
+                     f"| {row['epochs']} | {row['train_seconds']:.0f} | `{row['command']}` | {row['machine']} | {row.get('code', 'unrecorded')} |")
     for model, (hr, ndcg) in published.items():
-        lines.append(f"| published {model} | {hr:.4f} | {ndcg:.4f} | | | | | |")
+        lines.append(f"| published {model} | {hr:.4f} | {ndcg:.4f} | | | | | | |")
     (RESULTS / f"quality_{name}.md").write_text("\n".join(lines) + "\n")
 
 
