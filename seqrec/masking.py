@@ -2,8 +2,9 @@
 
 Every non-pad item is masked with probability `mask_prob`; the tail (last non-pad position of
 each right-padded row) is always masked; pads never are. Labels hold the original item at
-masked positions and IGNORE_LABEL elsewhere. Before masking, rows may be cut to random prefixes
-(`random_prefixes`), so that the always-masked tail is not the same item every epoch.
+masked positions and IGNORE_LABEL elsewhere. Rows may arrive cut to random prefixes by the reader
+(`loss.prefix_prob`, seqrec/data/stream.py), so that the always-masked tail is not the same
+item every epoch.
 """
 
 from __future__ import annotations
