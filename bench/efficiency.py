@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, update_efficiency, versions  # noqa: E402
+from common import code_version, machine, update_efficiency, versions  # noqa: E402
 
 
 def matmul_peak(dtype, size: int = 2048, seconds: float = 2.0) -> float:
@@ -280,7 +280,7 @@ def main() -> None:
     if args.quick:
         print(json.dumps(results, indent=2))
         return
-    payload = update_efficiency(results, {"machine": machine(), "versions": versions(), "command": "python bench/efficiency.py " + " ".join(sys.argv[1:])})
+    payload = update_efficiency(results, {"machine": machine(), "versions": versions(), "code": code_version(), "command": "python bench/efficiency.py " + " ".join(sys.argv[1:])})
     print(json.dumps(payload, indent=2))
 
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, update_efficiency, versions  # noqa: E402
+from common import code_version, machine, update_efficiency, versions  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PEER_VENV = REPO / ".peers" / "recbole"
@@ -310,7 +310,7 @@ def main() -> None:
         quality = time_to_equal_quality(python, data_path, args.batch, args.quality_minutes)
         results["time_to_equal_validation_ndcg"] = quality
         results["vs_recbole_time_to_quality_ratio"] = quality["ratio"]
-    update_efficiency(results, {"recbole_machine": machine(), "recbole_versions": versions(), "recbole_command": "python bench/recbole.py " + " ".join(sys.argv[1:])})
+    update_efficiency(results, {"recbole_machine": machine(), "recbole_versions": versions(), "recbole_code": code_version(), "recbole_command": "python bench/recbole.py " + " ".join(sys.argv[1:])})
     print(json.dumps(results, indent=2))
 
 
