@@ -110,8 +110,7 @@ def sequence_dataset(
         # More workers than shards is legitimate: such a worker simply yields nothing.
         empty_check=False,
     )
-    truncate_later = options.windows or options.prefix_prob > 0
-    dataset = dataset.map(partial(_decode, max_len=None if truncate_later else options.max_len, num_items=num_items))
+    dataset = dataset.map(partial(_decode, num_items=num_items))
     if expected_counts is not None:
         expected = {str(url): count for url, count in expected_counts.items()}
         dataset = dataset.compose(partial(_verify_counts, shards=mine, expected=expected))
@@ -122,8 +121,10 @@ def sequence_dataset(
         dataset = dataset.compose(partial(_windows, max_len=options.max_len))
         if options.prefix_prob > 0:
             dataset = dataset.compose(cuts)
-    elif options.prefix_prob > 0:
-        dataset = dataset.compose(cuts).map(partial(_keep_recent, max_len=options.max_len))
+    else:
+        if options.prefix_prob > 0:
+            dataset = dataset.compose(cuts)
+        dataset = dataset.map(partial(_keep_recent, max_len=options.max_len))
     if options.shuffle_buffer > 1:
         dataset = dataset.compose(partial(_shuffle, size=options.shuffle_buffer, seed=(options.seed, epoch, rank)))
     return dataset
@@ -225,7 +226,7 @@ def _windows(source: Iterator[SequenceSample], max_len: int) -> Iterator[Sequenc
             yield SequenceSample(f"{sample.key}.w{start}", sample.items[start:end], sample.url)
 
 
-def _decode(sample: dict, max_len: int | None, num_items: int) -> SequenceSample:
+def _decode(sample: dict, num_items: int) -> SequenceSample:
     key, url = sample["__key__"], sample.get("__url__", "?")
     where = f"{url}: sample {key}"
     if SEQUENCE_FIELD not in sample:
@@ -235,7 +236,7 @@ def _decode(sample: dict, max_len: int | None, num_items: int) -> SequenceSample
         raise ShardError(f"{where}: empty sequence")
     if int(items.min()) < 1 or int(items.max()) > num_items:
         raise ShardError(f"{where}: item id outside 1..{num_items}; shards and meta.json disagree, re-run prepare")
-    return SequenceSample(key, items if max_len is None else items[-max_len:], url)
+    return SequenceSample(key, items, url)
 
 
 def _verify_counts(source: Iterator[SequenceSample], shards: list[str], expected: dict[str, int]) -> Iterator:
