@@ -99,10 +99,14 @@ class LossConfig:
     # ML-1M, 18 CPU minutes on one machine: test NDCG@10 0.100 with 0.5, 0.051 with 0 (cut on the
     # device then); cut in the reader, 0.103 with 0.5, 0.106 with 1.0 (bench/results/quality_ml-1m.md).
     prefix_prob: float = 0.5
+    # Share of rows with only the tail masked (drawn on the device per row): their tail loss sees a
+    # clean history, as evaluation does, instead of one with mask_prob of it hidden.
+    tail_only_prob: float = 0.0
 
     def validate(self) -> None:
         _check(0 < self.mask_prob < 1, "loss.mask_prob", "must be in (0, 1)", self.mask_prob)
         _check(0 <= self.prefix_prob <= 1, "loss.prefix_prob", "must be in [0, 1]", self.prefix_prob)
+        _check(0 <= self.tail_only_prob <= 1, "loss.tail_only_prob", "must be in [0, 1]", self.tail_only_prob)
         _check(self.tail_weight >= 0 and self.masked_weight >= 0, "loss.tail_weight/masked_weight", "must be >= 0", (self.tail_weight, self.masked_weight))
         _check(self.tail_weight + self.masked_weight > 0, "loss.tail_weight/masked_weight", "must not both be 0", (self.tail_weight, self.masked_weight))
 

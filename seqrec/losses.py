@@ -48,15 +48,16 @@ class LossSums(NamedTuple):
 class MaskedItemObjective(nn.Module):
     """The training forward pass as one module (what an engine wraps): mask, encode, score, CE."""
 
-    def __init__(self, model: SeqRecModel, mask_prob: float):
+    def __init__(self, model: SeqRecModel, mask_prob: float, tail_only_prob: float = 0.0):
         super().__init__()
         self.model = model
         self.mask_prob = mask_prob
+        self.tail_only_prob = tail_only_prob
 
     def forward(self, items: torch.Tensor, draws: torch.Tensor) -> LossSums:
         if self.model.causal:
             return causal_loss_sums(self.model, items)
-        return masked_loss_sums(self.model, mask_from_draws(items, draws, self.mask_prob))
+        return masked_loss_sums(self.model, mask_from_draws(items, draws, self.mask_prob, self.tail_only_prob))
 
 
 def masked_loss_sums(model: SeqRecModel, batch: MaskedBatch) -> LossSums:

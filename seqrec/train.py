@@ -169,7 +169,7 @@ class _Trainer:
             )
         total = sum(self.epoch_steps)
         self.total_steps = min(total, config.train.max_steps) if config.train.max_steps else total
-        self.objective = MaskedItemObjective(model, config.loss.mask_prob)
+        self.objective = MaskedItemObjective(model, config.loss.mask_prob, config.loss.tail_only_prob)
         self.engine = TrainingEngine(self.objective, config, self.plan, self.total_steps, self.amp)
         self.model = self.engine.model
         if config.model.compile:

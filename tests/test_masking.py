@@ -48,6 +48,25 @@ def test_empirical_mask_rate_of_non_tail_items(mask_prob):
     assert abs(rate - mask_prob) < tolerance
 
 
+def test_tail_only_rows_have_a_clean_history_and_the_rest_keep_the_mask_rate():
+    items, lengths = _batch(rows=4096)
+    batch = mask_items(items, 0.3, torch.Generator().manual_seed(5), tail_only_prob=0.4)
+    rows = torch.arange(len(items))
+    assert torch.all(batch.inputs[rows, lengths - 1] == MASK_ITEM)
+    masked_per_row = (batch.inputs == MASK_ITEM).sum(dim=1)
+    tail_only = masked_per_row == 1
+    long_rows = lengths >= 20  # a 30% rate leaves such a row unmasked but for its tail with p < 0.001
+    share = tail_only[long_rows].float().mean().item()
+    assert abs(share - 0.4) < 5 * (0.4 * 0.6 / long_rows.sum().item()) ** 0.5
+    non_tail = (items != 0).clone()
+    non_tail[rows, lengths - 1] = False
+    others = non_tail & long_rows.unsqueeze(1) & ~tail_only.unsqueeze(1)
+    rate = (batch.inputs[others] == MASK_ITEM).float().mean().item()
+    assert abs(rate - 0.3) < 5 * (0.3 * 0.7 / others.sum().item()) ** 0.5
+    everything = mask_items(items, 0.3, torch.Generator().manual_seed(5), tail_only_prob=1.0)
+    assert torch.equal((everything.inputs == MASK_ITEM).sum(dim=1), torch.ones(len(items), dtype=torch.long))
+
+
 def test_deterministic_for_a_fixed_generator_and_varies_across_seeds():
     items, _ = _batch()
     a = mask_items(items, 0.3, torch.Generator().manual_seed(7))
@@ -62,7 +81,7 @@ def test_masking_compiles_as_one_graph_and_matches_eager():
     items, _ = _batch(rows=16, width=12)
     draws = torch.rand(items.shape, generator=torch.Generator().manual_seed(0))
     compiled = torch.compile(mask_from_draws, fullgraph=True)
-    expected, got = mask_from_draws(items, draws, 0.3), compiled(items, draws, 0.3)
+    expected, got = mask_from_draws(items, draws, 0.3, 0.5), compiled(items, draws, 0.3, 0.5)
     assert torch.equal(got.inputs, expected.inputs) and torch.equal(got.labels, expected.labels)
 
 
