@@ -65,6 +65,11 @@ class ModelConfig:
     item_init: str = "mean"
     item_init_noise: float = 0.02
     attention: str = "bidirectional"
+    # Position ids: from_start numbers items 0, 1, ... from the oldest kept; from_end counts back
+    # from the newest (0 at the tail), so "the item to predict" and "the last few items" keep
+    # one position embedding each whatever the history's length, as left padding gives
+    # SASRec and BERT4Rec.
+    positions: str = "from_start"
     # auto: eager on CPU (PyTorch's CPU flash kernel is ~5x slower in bf16 at these head sizes),
     # sdpa on GPUs.
     attention_kernel: str = "auto"
@@ -79,6 +84,7 @@ class ModelConfig:
         _choice(self.weights, "model.weights", ("pretrained", "random"))
         _choice(self.item_init, "model.item_init", ("mean", "random", "text"))
         _choice(self.attention, "model.attention", ("bidirectional", "causal"))
+        _choice(self.positions, "model.positions", ("from_start", "from_end"))
         _choice(self.attention_kernel, "model.attention_kernel", ("auto", "eager", "sdpa"))
         _check(self.keep_layers is None or self.keep_layers >= 1, "model.keep_layers", "must be >= 1 or null", self.keep_layers)
         _check(self.item_init_noise >= 0, "model.item_init_noise", "must be >= 0", self.item_init_noise)

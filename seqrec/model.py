@@ -50,13 +50,26 @@ class ItemVocabulary:
         return slice(self.first_item_token, self.first_item_token + self.num_items)
 
 
+def positions_from_end(items: torch.Tensor) -> torch.Tensor:
+    """BERT position ids counting back from each right-padded row's last item (0 there), so the
+    tail and every recent item sit at the same position whatever the history's length (what
+    left padding gives SASRec and BERT4Rec); pads get 0 and are masked out of attention anyway."""
+    lengths = (items != 0).sum(dim=1, keepdim=True)
+    return (lengths - 1 - torch.arange(items.shape[1], device=items.device)).clamp(min=0)
+
+
 class SeqRecModel(nn.Module):
-    def __init__(self, mlm: BertForMaskedLM, tokenizer, vocab: ItemVocabulary, causal: bool):
+    def __init__(self, mlm: BertForMaskedLM, tokenizer, vocab: ItemVocabulary, causal: bool, positions: str = "from_start"):
         super().__init__()
         self.mlm = mlm
         self.tokenizer = tokenizer
         self.vocab = vocab
         self.causal = causal
+        self.positions = positions
+
+    def position_ids(self, items: torch.Tensor) -> torch.Tensor | None:
+        """What `encode` passes to BERT (None: its default, 0..L-1 from the first item)."""
+        return positions_from_end(items) if self.positions == "from_end" else None
 
     @property
     def max_positions(self) -> int:
@@ -66,9 +79,10 @@ class SeqRecModel(nn.Module):
         """Hidden states [batch, length, hidden] of right-padded item ids (MASK_ITEM where masked).
         `token_embeddings` replaces the word-embedding lookup (e.g. one done on partitioned weights)."""
         mask = (items != 0).long()
+        positions = self.position_ids(items)
         if token_embeddings is not None:
-            return self.mlm.bert(inputs_embeds=token_embeddings, attention_mask=mask, use_cache=False).last_hidden_state
-        return self.mlm.bert(input_ids=self.vocab.tokens(items), attention_mask=mask, use_cache=False).last_hidden_state
+            return self.mlm.bert(inputs_embeds=token_embeddings, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+        return self.mlm.bert(input_ids=self.vocab.tokens(items), attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
 
     def forward(self, items: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Full-catalogue scores [M, num_items] at `positions`, flat indices into the [B, L] batch;
@@ -122,6 +136,7 @@ class SeqRecModel(nn.Module):
             "first_item_token": self.vocab.first_item_token,
             "item_token_format": ITEM_TOKEN_FORMAT,
             "attention": "causal" if self.causal else "bidirectional",
+            "positions": self.positions,
             "max_len": max_len or self.max_positions,
         }, indent=2) + "\n")
 
@@ -158,7 +173,7 @@ def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[
     report = _init_item_embeddings(mlm, tokenizer, vocab, base_embeddings[:base_vocab], config, titles)
     with torch.no_grad():
         mlm.cls.predictions.bias[vocab.item_rows] = 0.0
-    return SeqRecModel(mlm, tokenizer, vocab, causal=config.attention == "causal"), report
+    return SeqRecModel(mlm, tokenizer, vocab, causal=config.attention == "causal", positions=config.positions), report
 
 
 def _load_base(config: ModelConfig, max_len: int) -> tuple[BertForMaskedLM, object]:

@@ -2,8 +2,9 @@
 
 Loads only safe formats: the weights from safetensors (a directory without them is refused).
 Each history (most recent `max_len - 1` items kept) gets a mask token appended (causal models:
-scored at the last item), is encoded by the plain `BertForMaskedLM`, and its MLM logits at the
-item tokens rank the full catalogue; history items are excluded unless asked otherwise.
+scored at the last item), is encoded by the plain `BertForMaskedLM` (with position ids counted
+back from the tail where the model was trained so, `positions` in seqrec_items.json), and its MLM
+logits at the item tokens rank the full catalogue; history items are excluded unless asked otherwise.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from transformers import AutoModelForMaskedLM
 from seqrec.data.prepared import ITEMS_FILE, read_tsv
 from seqrec.errors import InputError, SeqrecError
 from seqrec.export import read_items_meta
-from seqrec.model import _quiet_transformers
+from seqrec.model import _quiet_transformers, positions_from_end
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class Recommender:
         self.first_token = int(meta["first_item_token"])
         self.num_items = int(meta["num_items"])
         self.causal = meta.get("attention") == "causal"
+        self.positions_from_end = meta.get("positions", "from_start") == "from_end"
         self.max_len = min(int(meta.get("max_len") or self.model.config.max_position_embeddings), self.model.config.max_position_embeddings)
         self.mask_token = _mask_token_id(model_dir)
         self.original_ids, self.titles = _read_items(model_dir / ITEMS_FILE, self.num_items)
@@ -67,7 +69,8 @@ class Recommender:
             tokens[index, : len(ids)] = torch.tensor(ids)
             positions[index] = max(len(ids) - 1, 0)
         tokens = tokens.to(self.device)
-        hidden = self.model.bert(input_ids=tokens, attention_mask=(tokens != 0).long()).last_hidden_state
+        position_ids = positions_from_end(tokens) if self.positions_from_end else None
+        hidden = self.model.bert(input_ids=tokens, attention_mask=(tokens != 0).long(), position_ids=position_ids).last_hidden_state
         gathered = hidden[torch.arange(len(rows), device=self.device), positions.to(self.device)]
         scores = self.model.cls.predictions(gathered)[:, self.first_token : self.first_token + self.num_items].float()
         if exclude_history:

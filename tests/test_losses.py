@@ -14,10 +14,10 @@ from seqrec.model import build_model
 NUM_ITEMS = 40
 
 
-def _model(attention="bidirectional"):
+def _model(attention="bidirectional", positions="from_start"):
     torch.manual_seed(0)
     scratch = ScratchBertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    model, _ = build_model(ModelConfig(pretrained=None, scratch=scratch, attention=attention), NUM_ITEMS, max_len=16)
+    model, _ = build_model(ModelConfig(pretrained=None, scratch=scratch, attention=attention, positions=positions), NUM_ITEMS, max_len=16)
     return model.eval()
 
 
@@ -31,13 +31,14 @@ def _items():
 def _naive_item_logits(model, inputs):
     """The usual recipe: full MLM logits at every position, then the item columns."""
     tokens = model.vocab.tokens(inputs)
-    logits = model.mlm(input_ids=tokens, attention_mask=(inputs != 0).long()).logits
+    logits = model.mlm(input_ids=tokens, attention_mask=(inputs != 0).long(), position_ids=model.position_ids(inputs)).logits
     assert logits.shape[-1] == model.vocab.first_item_token + NUM_ITEMS
     return logits[..., model.vocab.item_rows]
 
 
-def test_masked_and_tail_losses_equal_naive_reference():
-    model = _model()
+@pytest.mark.parametrize("positions", ["from_start", "from_end"])
+def test_masked_and_tail_losses_equal_naive_reference(positions):
+    model = _model(positions=positions)
     items, lengths = _items()
     batch = mask_items(items, 0.3, torch.Generator().manual_seed(2))
     parts = masked_item_loss(model, batch, tail_weight=0.7, masked_weight=1.3)

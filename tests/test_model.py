@@ -9,7 +9,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from seqrec.config import ModelConfig, ScratchBertConfig
 from seqrec.errors import ConfigError
-from seqrec.model import MASK_ITEM, build_model
+from seqrec.model import MASK_ITEM, build_model, positions_from_end
 
 TINY = ScratchBertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
@@ -96,8 +96,31 @@ def test_causal_attention_hides_the_future(attention):
     assert same_prefix == (attention == "causal")
 
 
-def test_export_is_a_plain_hf_directory_whose_item_logits_are_the_trained_scores(tmp_path):
-    model, _ = _tiny()
+def test_positions_from_end_count_back_from_each_rows_last_item():
+    items = torch.tensor([[5, 6, 7, 0, 0], [1, 2, 3, 4, 5], [9, 0, 0, 0, 0]])
+    assert positions_from_end(items).tolist() == [[2, 1, 0, 0, 0], [4, 3, 2, 1, 0], [0, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("positions", ["from_start", "from_end"])
+def test_from_end_positions_give_every_tail_the_same_input_embedding(positions):
+    """What encode feeds the encoder at the tail: with from_end, the masked tail of a 2-item and
+    of a 5-item history enter with the same embedding (same token, position 0); from the start
+    they sit at positions 1 and 4."""
+    model, _ = _tiny(positions=positions)
+    model.eval()
+    seen = []
+    hook = model.mlm.bert.embeddings.register_forward_hook(lambda module, args, output: seen.append(output))
+    rows = torch.tensor([[4, 8, 15, 16, MASK_ITEM], [4, MASK_ITEM, 0, 0, 0]])
+    with torch.no_grad():
+        model.encode(rows)
+    hook.remove()
+    same = torch.allclose(seen[0][0, 4], seen[0][1, 1], atol=1e-6)
+    assert same == (positions == "from_end")
+
+
+@pytest.mark.parametrize("positions", ["from_start", "from_end"])
+def test_export_is_a_plain_hf_directory_whose_item_logits_are_the_trained_scores(tmp_path, positions):
+    model, _ = _tiny(positions=positions)
     model.eval()
     model.save_pretrained(tmp_path)
     loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
@@ -106,7 +129,8 @@ def test_export_is_a_plain_hf_directory_whose_item_logits_are_the_trained_scores
     with torch.no_grad():
         ours = model.item_scores(model.encode(items)[0, -1])
         tokens = model.vocab.tokens(items)
-        theirs = loaded(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits[0, -1, model.vocab.item_rows]
+        position_ids = positions_from_end(items) if positions == "from_end" else None
+        theirs = loaded(input_ids=tokens, attention_mask=torch.ones_like(tokens), position_ids=position_ids).logits[0, -1, model.vocab.item_rows]
     assert tokenizer.convert_tokens_to_ids("[item_7]") == model.vocab.first_item_token + 6
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert (tmp_path / "model.safetensors").is_file()
