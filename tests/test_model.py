@@ -135,3 +135,24 @@ def test_export_is_a_plain_hf_directory_whose_item_logits_are_the_trained_scores
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert (tmp_path / "model.safetensors").is_file()
     assert F.softmax(ours, -1).shape == (30,)
+
+
+def test_recommend_from_an_export_applies_the_trained_position_scheme(tmp_path):
+    """Histories of different lengths, batched and padded by the recommender, score as the
+    trained model scores each one (only a from_end export needs position ids passed)."""
+    from seqrec.evaluate import model_scorer
+    from seqrec.recommend import Recommender
+
+    model, _ = _tiny(positions="from_end")
+    model.eval()
+    model.save_pretrained(tmp_path, max_len=16)
+    (tmp_path / "items.tsv").write_text("item_id\toriginal_id\ttitle\n" + "".join(f"{k}\tsku-{k}\tItem {k}\n" for k in range(1, 31)))
+    recommender = Recommender(tmp_path)
+    histories = [[3, 9, 4, 17, 22, 5], [8, 2]]
+    recommendations = recommender.recommend(histories, k=5, exclude_history=False)
+    for history, recs in zip(histories, recommendations):
+        with torch.no_grad():
+            expected = model_scorer(model, None)(torch.tensor([history + [MASK_ITEM]]))[0]
+        top = torch.topk(expected, 5)
+        assert [rec.item for rec in recs] == [f"sku-{item + 1}" for item in top.indices.tolist()]
+        assert [rec.score for rec in recs] == pytest.approx(top.values.tolist(), abs=1e-4)
