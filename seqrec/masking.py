@@ -3,9 +3,9 @@
 Every non-pad item is masked with probability `mask_prob`; the tail (last non-pad position of
 each right-padded row) is always masked; pads never are. Optionally a share of rows
 (`tail_only_prob`) has only its tail masked: the history is then clean, as at evaluation.
-Labels hold the original item at masked positions and IGNORE_LABEL elsewhere. Rows may arrive cut to random prefixes by the reader
-(`loss.prefix_prob`, seqrec/data/stream.py), so that the always-masked tail is not the same
-item every epoch.
+Labels hold the original item at masked positions and IGNORE_LABEL elsewhere. Rows may arrive
+cut to random prefixes by the reader (`loss.prefix_prob`, seqrec/data/stream.py), so that the
+always-masked tail is not the same item every epoch.
 """
 
 from __future__ import annotations
