@@ -58,6 +58,13 @@ def positions_from_end(items: torch.Tensor) -> torch.Tensor:
     return (lengths - 1 - torch.arange(items.shape[1], device=items.device)).clamp(min=0)
 
 
+def position_ids_for(scheme: str, items: torch.Tensor) -> torch.Tensor | None:
+    """The position ids of `model.positions` for right-padded rows (token or item ids, 0 = pad);
+    None means BERT's default, 0..L-1 from the first item. Training, evaluation and `recommend`
+    all take them from here."""
+    return positions_from_end(items) if scheme == "from_end" else None
+
+
 class SeqRecModel(nn.Module):
     def __init__(self, mlm: BertForMaskedLM, tokenizer, vocab: ItemVocabulary, causal: bool, positions: str = "from_start"):
         super().__init__()
@@ -68,8 +75,8 @@ class SeqRecModel(nn.Module):
         self.positions = positions
 
     def position_ids(self, items: torch.Tensor) -> torch.Tensor | None:
-        """What `encode` passes to BERT (None: its default, 0..L-1 from the first item)."""
-        return positions_from_end(items) if self.positions == "from_end" else None
+        """What `encode` passes to BERT."""
+        return position_ids_for(self.positions, items)
 
     @property
     def max_positions(self) -> int:

@@ -19,7 +19,7 @@ from transformers import AutoModelForMaskedLM
 from seqrec.data.prepared import ITEMS_FILE, read_tsv
 from seqrec.errors import InputError, SeqrecError
 from seqrec.export import read_items_meta
-from seqrec.model import _quiet_transformers, positions_from_end
+from seqrec.model import _quiet_transformers, position_ids_for
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Recommender:
         self.first_token = int(meta["first_item_token"])
         self.num_items = int(meta["num_items"])
         self.causal = meta.get("attention") == "causal"
-        self.positions_from_end = meta.get("positions", "from_start") == "from_end"
+        self.position_scheme = meta.get("positions", "from_start")
         self.max_len = min(int(meta.get("max_len") or self.model.config.max_position_embeddings), self.model.config.max_position_embeddings)
         self.mask_token = _mask_token_id(model_dir)
         self.original_ids, self.titles = _read_items(model_dir / ITEMS_FILE, self.num_items)
@@ -69,8 +69,7 @@ class Recommender:
             tokens[index, : len(ids)] = torch.tensor(ids)
             positions[index] = max(len(ids) - 1, 0)
         tokens = tokens.to(self.device)
-        position_ids = positions_from_end(tokens) if self.positions_from_end else None
-        hidden = self.model.bert(input_ids=tokens, attention_mask=(tokens != 0).long(), position_ids=position_ids).last_hidden_state
+        hidden = self.model.bert(input_ids=tokens, attention_mask=(tokens != 0).long(), position_ids=position_ids_for(self.position_scheme, tokens)).last_hidden_state
         gathered = hidden[torch.arange(len(rows), device=self.device), positions.to(self.device)]
         scores = self.model.cls.predictions(gathered)[:, self.first_token : self.first_token + self.num_items].float()
         if exclude_history:
