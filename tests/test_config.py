@@ -67,3 +67,26 @@ def test_launcher_reports_config_errors_without_traceback(tmp_path):
     )
     assert run.returncode == 2
     assert "loss.mask_prob: must be in (0, 1)" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_readme_config_reference_names_every_field():
+    """Every config field a user can set appears in the README's configuration reference."""
+    import dataclasses
+    import re
+
+    readme = (CONFIGS.parent / "README.md").read_text()
+    table = readme.split("### Configuration reference", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`([a-z_]+(?:\.[a-z_*]+)*)`", table))
+
+    def fields(instance, prefix=""):
+        for item in dataclasses.fields(instance):
+            value = getattr(instance, item.name)
+            if dataclasses.is_dataclass(value) and prefix:
+                yield f"{prefix}{item.name}.*"
+            elif dataclasses.is_dataclass(value):
+                yield from fields(value, f"{item.name}.")
+            else:
+                yield prefix + item.name
+
+    missing = sorted(set(fields(JobConfig())) - documented)
+    assert not missing, f"README configuration reference lacks {missing}"
