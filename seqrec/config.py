@@ -80,7 +80,11 @@ class ModelConfig:
     # matmuls. The first steps pay the compilation (tens of seconds on 2 CPU cores, cached on
     # disk afterwards); needs a C++ compiler on CPU. Not with ZeRO-3 (its hooks gather weights).
     compile: bool = False
+    # Dropout on hidden states (embeddings, attention output, feed-forward); null keeps the model's.
     dropout: float | None = None
+    # Dropout on attention probabilities; null: the same as model.dropout. On CPU it costs far
+    # more than hidden dropout (a mask over every batch x heads x length x length score).
+    attention_dropout: float | None = None
     scratch: ScratchBertConfig = field(default_factory=ScratchBertConfig)
 
     def validate(self) -> None:
@@ -92,6 +96,7 @@ class ModelConfig:
         _check(self.keep_layers is None or self.keep_layers >= 1, "model.keep_layers", "must be >= 1 or null", self.keep_layers)
         _check(self.item_init_noise >= 0, "model.item_init_noise", "must be >= 0", self.item_init_noise)
         _check(self.dropout is None or 0 <= self.dropout < 1, "model.dropout", "must be in [0, 1) or null", self.dropout)
+        _check(self.attention_dropout is None or 0 <= self.attention_dropout < 1, "model.attention_dropout", "must be in [0, 1) or null", self.attention_dropout)
         self.scratch.validate()
 
 

@@ -187,6 +187,8 @@ def _load_base(config: ModelConfig, max_len: int) -> tuple[BertForMaskedLM, obje
     overrides: dict = {"is_decoder": config.attention == "causal"}
     if config.dropout is not None:
         overrides.update(hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
+    if config.attention_dropout is not None:
+        overrides["attention_probs_dropout_prob"] = config.attention_dropout
     if config.pretrained is None:
         scratch = config.scratch
         architecture = {

@@ -71,6 +71,18 @@ def test_random_weights_give_the_same_architecture_freshly_initialised():
     assert a.shape == b.shape and not torch.allclose(a, b)
 
 
+@pytest.mark.parametrize(
+    ("dropout", "attention_dropout", "expected"),
+    [(None, None, (0.1, 0.1)), (0.2, None, (0.2, 0.2)), (0.2, 0.0, (0.2, 0.0)), (None, 0.3, (0.1, 0.3))],
+)
+def test_dropout_settings_reach_the_bert_config(dropout, attention_dropout, expected):
+    model, _ = _tiny(dropout=dropout, attention_dropout=attention_dropout)
+    config = model.mlm.config
+    assert (config.hidden_dropout_prob, config.attention_probs_dropout_prob) == expected
+    layer = model.mlm.bert.encoder.layer[0]
+    assert (layer.output.dropout.p, layer.attention.self.dropout.p) == expected
+
+
 def test_sequence_longer_than_positions_is_a_clear_error():
     with pytest.raises(ConfigError, match="data.max_len: 600 exceeds the model's max_position_embeddings \\(512\\)"):
         build_model(ModelConfig(keep_layers=1), 5, max_len=600)
