@@ -22,7 +22,15 @@ def machine() -> str:
     except OSError:
         pass
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, {platform.system()} {platform.release()}"
+    host = f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, {platform.system()} {platform.release()}"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name()} GPU ({host})"
+    except ImportError:
+        pass
+    return host
 
 
 def code_version() -> str:
@@ -77,5 +85,10 @@ def update_efficiency(results: dict, provenance: dict) -> dict:
                   ("seqrec sequences/s (same size)", str(payload["seqrec_same_size"]["sequences_per_s"])),
                   ("epoch time RecBole / seqrec", str(payload["epoch_time_ratio_recbole_over_seqrec"]))]
     table += [(key, str(value)) for key, value in payload.get("details", {}).items()]
+    gpu = payload.get("gpu")
+    if gpu:
+        table += [(f"GPU {key}", str(gpu[key])) for key in ("vs_naive_ratio", "mfu_gpu", "eval_users_per_s_ratio", "reader_over_step_ratio")]
+        table += [(f"GPU {key}", str(value)) for key, value in gpu["details"].items()]
+        table += [("GPU machine", gpu["machine"]), ("GPU command", gpu["command"]), ("GPU code", gpu["code"])]
     write_results("efficiency", payload, table)
     return payload

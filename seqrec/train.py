@@ -371,6 +371,7 @@ class _Trainer:
                 "sequences_per_s": round(state.sequences_seen / state.train_seconds, 1) if state.train_seconds else None,
                 "total_seconds": round(time.perf_counter() - started, 2),
                 "processes": info.world_size,
+                "backend": info.backend,
                 "zero_stage": self.engine.zero_stage,
                 "global_batch": self.plan.global_batch,
                 "micro_batch": self.plan.micro_batch,

@@ -147,6 +147,6 @@ def test_sbatch_runs_two_task_training_and_writes_checkpoint_and_metrics(tiny_da
         logs = "".join(path.read_text() for path in tmp_path.glob("job-*.log"))
         assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{logs[-4000:]}"
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["processes"] == 2 and metrics["steps"] > 0
+    assert metrics["processes"] == 2 and metrics["steps"] > 0 and metrics["backend"] == "gloo"
     assert any((path / "COMPLETE").is_file() for path in (run_dir / "checkpoints").iterdir())
     assert "2 process(es) (srun" in logs

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -87,6 +89,19 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_factor(55, 10, 100, "linear") == pytest.approx(0.5)
     assert lr_factor(100, 10, 100, "cosine") == pytest.approx(0.0)
     assert lr_factor(50, 10, 100, "constant") == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; runs where a GPU is present")
+def test_training_on_cuda_runs_bf16_over_nccl_and_learns(small_dataset, tmp_path):
+    # Its own process: this one may already hold a gloo process group from the CPU tests.
+    overrides = [f"data.dataset={small_dataset}", f"run_dir={tmp_path / 'run'}", "train.device=cuda", "train.precision=bf16",
+                 "train.epochs=12", "data.max_len=30", "tracking.wandb=disabled"]
+    command = [sys.executable, "launcher/train.py", "--config", "configs/tiny.yaml", *(arg for item in overrides for arg in ("--set", item))]
+    subprocess.run(command, cwd=REPO, check=True, timeout=600)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (metrics["device"], metrics["precision"], metrics["backend"]) == ("cuda:0", "torch.bfloat16", "nccl")
+    assert metrics["test"]["NDCG@10"] > 2 * metrics["popularity"]["test"]["NDCG@10"]
 
 
 def _step_losses(run_dir):
