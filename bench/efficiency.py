@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import code_version, machine, update_efficiency, versions  # noqa: E402
+from common import RESULTS, code_version, machine, update_efficiency, versions  # noqa: E402
 
 
 def synchronize(device) -> None:
@@ -118,6 +118,8 @@ def main() -> None:
                              "(DATASET: beauty (default) or ml-1m, whose 200-item sequences make the encoder dominate; c: model.compile). "
                              f"Default on cpu: {' '.join(DEFAULT_MFU_SETTINGS['cpu'])}; on cuda: {' '.join(DEFAULT_MFU_SETTINGS['cuda'])}; none with --quick")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 256 users; figures not kept")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the main setting's timed steps (torch.profiler) into bench/results/profile_<device>.txt")
     args = parser.parse_args()
     on_gpu = args.device == "cuda"
     args.keep_layers = args.keep_layers or (GPU_DEFAULTS["keep_layers"] if on_gpu else 2)
@@ -180,7 +182,7 @@ def main() -> None:
         generator = torch.Generator().manual_seed(0)
         return [(items.to(device), torch.rand(items.shape, generator=generator).to(device)) for items in batches]
 
-    def seqrec_step_figures(batch_size: int, keep_layers: int, compile_encoder: bool = False, name: str = "beauty") -> dict:
+    def seqrec_step_figures(batch_size: int, keep_layers: int, compile_encoder: bool = False, name: str = "beauty", profile: bool = False) -> dict:
         """The product's training step (DeepSpeed engine, bf16 autocast): seconds and model FLOPs."""
         source, length_cap = dataset(name)
         setting = load_config(None, [*overrides(length_cap), f"model.keep_layers={keep_layers}", f"train.batch_size={batch_size}"])
@@ -195,6 +197,8 @@ def main() -> None:
             for pair in pairs:  # compile every sequence length first: compilation is not step time
                 step(pair)
         seconds = timed(step, pairs, device)
+        if profile:
+            write_profile(step, pairs[2:], device, f"Beauty, batch {batch_size}, {keep_layers} layers, {device_name(device)}")
         measured = pairs[2:]
         tokens = sum(items.numel() for items, _ in measured) / len(measured)
         length = sum(items.shape[1] for items, _ in measured) / len(measured)
@@ -207,7 +211,7 @@ def main() -> None:
     peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16, device), matmul_peak(torch.float32, device)
     bandwidth = copy_bandwidth(device)
 
-    main_setting = seqrec_step_figures(args.batch, args.keep_layers)
+    main_setting = seqrec_step_figures(args.batch, args.keep_layers, profile=args.profile)
     pairs, model = main_setting["pairs"], main_setting["model"]
     seqrec_step, flops = main_setting["seconds"], main_setting["flops"]
     sequences, length, scored = main_setting["sequences"], main_setting["length"], main_setting["scored"]
@@ -338,6 +342,26 @@ def main() -> None:
         }
         del figures
         publish()
+
+
+def write_profile(step, batches, device, title: str) -> None:
+    """Operator table of `step` over `batches`: by self time on the device (GPU) and on the host.
+    Where the GPU idles between kernels, the host table says what holds it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as profiler:
+        for batch in batches:
+            step(batch)
+        synchronize(device)
+    averages = profiler.key_averages()
+    sections = [f"# seqrec training step profile: {title}, {len(batches)} steps", ""]
+    if device.type == "cuda":
+        sections += ["## by self device time", averages.table(sort_by="self_device_time_total", row_limit=30), ""]
+    sections += ["## by self host time", averages.table(sort_by="self_cpu_time_total", row_limit=30), ""]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"profile_{device.type}.txt").write_text("\n".join(sections))
 
 
 def device_name(device) -> str:
