@@ -34,15 +34,18 @@ def machine() -> str:
 
 
 def code_version() -> str:
-    """The seqrec commit measured: `git rev-parse` of this checkout (+dirty with uncommitted
-    changes), else $SEQREC_CODE_VERSION (set it when benchmarking an exported snapshot)."""
+    """The seqrec commit measured: $SEQREC_CODE_VERSION where set (an exported snapshot, or a
+    copy whose .git is not the code's: a copied working tree can carry a stale one), else
+    `git rev-parse` of this checkout (+dirty with uncommitted changes)."""
+    if os.environ.get("SEQREC_CODE_VERSION"):
+        return os.environ["SEQREC_CODE_VERSION"]
     repo = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("SEQREC_CODE_VERSION", "unknown")
+        return "unknown"
 
 
 def versions() -> dict[str, str]:
