@@ -95,12 +95,12 @@ def deepspeed_config(config: JobConfig, plan: BatchPlan, autocast: torch.dtype |
             )
     merged = dict(raw)
     merged.update(batches)
-    merged["gradient_clipping"] = config.optim.grad_clip
     zero = dict(merged.get("zero_optimization") or {})
     if config.distributed.zero_stage is not None:
         zero["stage"] = config.distributed.zero_stage
     zero.setdefault("stage", 0)
     merged["zero_optimization"] = zero
+    merged["gradient_clipping"] = 0.0 if job_clips_gradients(merged, autocast) else config.optim.grad_clip
     # The optimiser is the job's (fused torch AdamW); ZeRO partitions its state all the same.
     merged["zero_allow_untested_optimizer"] = True
     native_bf16 = bool((raw.get("bf16") or {}).get("enabled"))
@@ -109,6 +109,24 @@ def deepspeed_config(config: JobConfig, plan: BatchPlan, autocast: torch.dtype |
     merged.setdefault("steps_per_print", 10**9)
     merged.setdefault("wall_clock_breakdown", False)
     return merged
+
+
+def job_clips_gradients(merged: dict, autocast: torch.dtype | None) -> bool:
+    """Whether the job, not DeepSpeed, clips the gradients (`optim.grad_clip`).
+
+    Under ZeRO-0 DeepSpeed clips a client optimiser's gradients one parameter at a time, a norm
+    and a multiply per tensor, and reports no norm (the logged grad_norm was NaN). The job
+    clips them instead with one fused foreach norm between DeepSpeed's backward (which has
+    already all-reduced them at the accumulation boundary) and its step, and logs that norm.
+    DeepSpeed keeps the clipping where its own optimiser holds the gradients: ZeRO 1-3 (flat
+    partitions), its bf16 optimiser, fp16 (unscaled first), and unmanaged accumulation (where
+    the all-reduce happens inside step())."""
+    return (
+        merged["zero_optimization"]["stage"] == 0
+        and autocast != torch.float16
+        and not (merged.get("bf16") or {}).get("enabled")
+        and merged.get("managed_gradient_accumulation", True) is not False
+    )
 
 
 class TrainingEngine:
@@ -132,6 +150,9 @@ class TrainingEngine:
             model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
         )
         self.objective = self.engine.module
+        self.job_grad_clip = config.optim.grad_clip if job_clips_gradients(self.ds_config, autocast) else None
+        self.clipped_parameters = [parameter for parameter in self.objective.parameters() if parameter.requires_grad]
+        self._job_grad_norm: torch.Tensor | None = None
         if plan.world_size == 1 and self.zero_stage == 0:
             # One process has nothing to reduce, yet DeepSpeed would still flatten every gradient
             # into buckets and copy it back: two passes over all weights per step.
@@ -146,6 +167,8 @@ class TrainingEngine:
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
+        if self.job_grad_clip and self.engine.is_gradient_accumulation_boundary():
+            self._job_grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped_parameters, self.job_grad_clip, foreach=True)
         self.engine.step()
 
     @property
@@ -163,6 +186,9 @@ class TrainingEngine:
 
     @property
     def grad_norm(self) -> float:
+        """The last step's gradient norm before clipping (NaN where none was taken: clipping off)."""
+        if self.job_grad_clip is not None:
+            return float(self._job_grad_norm) if self._job_grad_norm is not None else float("nan")
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 

@@ -54,6 +54,7 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
 # gradients agree to ~1e-7 relative, and Adam's g / sqrt(v) turns that into at most a few 1e-6
 # on weights after 6 steps of lr 0.01. 5e-5 is 10x that and still 200x below one step's update.
 WEIGHT_TOLERANCE = 5e-5
+GRAD_CLIP = 0.05  # tests/workers/equivalence.py
 LOSS_TOLERANCE = 1e-5
 
 
@@ -81,6 +82,12 @@ def test_two_processes_match_one_with_the_same_global_batch(equivalence_runs, st
     # And every stage trains the same model as ZeRO-0 in one process.
     from_stage0 = max((one["weights"][key] - equivalence_runs[0][0]["weights"][key]).abs().max().item() for key in one["weights"])
     assert from_stage0 < WEIGHT_TOLERANCE
+    # The gradient norm every step clipped at: the job's (ZeRO-0) and DeepSpeed's (1-3) agree, in
+    # one process and in two, and each is far above the clip, so the clip acted.
+    reference = equivalence_runs[0][0]["grad_norms"]
+    assert torch.isfinite(reference).all() and (reference > 10 * GRAD_CLIP).all(), reference
+    for norms in (one["grad_norms"], two["grad_norms"]):
+        assert torch.allclose(norms, reference, rtol=1e-4), (norms, reference)
 
 
 def test_kill_nine_then_resume_reaches_the_uninterrupted_result(tiny_dataset, tmp_path):

@@ -11,7 +11,7 @@ from seqrec import checkpoint
 from seqrec.config import load_config
 from seqrec.data.stream import StreamOptions, batches_per_rank, shards_for_rank, window_bounds
 from seqrec.distributed import first_slurm_host, launch_environment
-from seqrec.engine import deepspeed_config, plan_batches
+from seqrec.engine import deepspeed_config, job_clips_gradients, plan_batches
 from seqrec.errors import ConfigError
 
 
@@ -57,6 +57,17 @@ def test_merged_config_takes_stage_batches_clipping_and_precision_from_the_job()
     assert merged["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert "torch_autocast" not in deepspeed_config(config, plan_batches(config, 2), None)
     assert deepspeed_config(config, plan_batches(config, 2), torch.float16)["torch_autocast"]["dtype"] == "float16"
+
+
+def test_zero0_clipping_moves_from_deepspeed_to_the_job():
+    stage0 = _config("optim.grad_clip=0.5")
+    merged = deepspeed_config(stage0, plan_batches(stage0, 1), torch.bfloat16)
+    assert merged["gradient_clipping"] == 0.0 and job_clips_gradients(merged, torch.bfloat16)
+    # DeepSpeed keeps it where its own optimiser holds the gradients.
+    assert deepspeed_config(stage0, plan_batches(stage0, 1), torch.float16)["gradient_clipping"] == 0.5
+    for stage in (1, 2, 3):
+        staged = _config("optim.grad_clip=0.5", f"distributed.zero_stage={stage}")
+        assert deepspeed_config(staged, plan_batches(staged, 1), torch.bfloat16)["gradient_clipping"] == 0.5
 
 
 def test_fp16_is_refused_off_the_gpu():

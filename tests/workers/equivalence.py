@@ -1,5 +1,7 @@
 """Train a tiny model N steps under each ZeRO stage on fixed global batches; rank 0 saves the
-per-step global losses and the final weights. Launched by tests with 1 and with 2 processes."""
+per-step global losses, gradient norms and the final weights. Launched by tests with 1 and with
+2 processes. The clip is far below the gradient norm, so every step is clipped: by the job under
+ZeRO-0, by DeepSpeed's optimisers under ZeRO 1-3."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from seqrec.losses import MaskedItemObjective
 from seqrec.model import build_model
 from seqrec.train import optimizer_step
 
-NUM_ITEMS, GLOBAL_BATCH, WIDTH, STEPS = 40, 8, 12, 6
+NUM_ITEMS, GLOBAL_BATCH, WIDTH, STEPS, GRAD_CLIP = 40, 8, 12, 6, 0.05
 
 
 def global_batches(seed: int = 123):
@@ -27,31 +29,33 @@ def global_batches(seed: int = 123):
         yield items, torch.rand((GLOBAL_BATCH, WIDTH), generator=generator)
 
 
-def train(stage: int, info) -> tuple[list[float], dict | None]:
+def train(stage: int, info) -> tuple[list[float], list[float], dict | None]:
     config = load_config(None, [
         "model.pretrained=null", "model.dropout=0.0", "model.scratch.hidden_size=32", "model.scratch.intermediate_size=64",
         f"data.max_len={WIDTH}", f"train.batch_size={GLOBAL_BATCH}", "train.precision=fp32", "train.device=cpu",
-        "optim.warmup_steps=2", "optim.lr=0.01", f"distributed.zero_stage={stage}",
+        "optim.warmup_steps=2", "optim.lr=0.01", f"optim.grad_clip={GRAD_CLIP}", f"distributed.zero_stage={stage}",
     ])
     plan = plan_batches(config, info.world_size)
     torch.manual_seed(0)
     model, _ = build_model(config.model, NUM_ITEMS, WIDTH)
     engine = TrainingEngine(MaskedItemObjective(model, config.loss.mask_prob), config, plan, STEPS, None)
-    losses = []
+    losses, grad_norms = [], []
     rows = slice(info.rank * plan.micro_batch, (info.rank + 1) * plan.micro_batch)
     for items, draws in global_batches():
         parts = optimizer_step(engine, [items[rows]], [draws[rows]], (1.0, 1.0), info.world_size)
         total = parts.total.detach().clone()
         dist.all_reduce(total)
         losses.append(float(total) / info.world_size)
-    return losses, engine.full_state_dict()
+        grad_norms.append(engine.grad_norm)
+    return losses, grad_norms, engine.full_state_dict()
 
 
 def main(out: str) -> None:
     info = distributed.init("cpu", timeout_minutes=5)
     results = {stage: train(stage, info) for stage in (0, 1, 2, 3)}
     if info.is_main:
-        torch.save({stage: {"losses": torch.tensor(losses), "weights": weights} for stage, (losses, weights) in results.items()}, out)
+        torch.save({stage: {"losses": torch.tensor(losses), "grad_norms": torch.tensor(norms), "weights": weights}
+                    for stage, (losses, norms, weights) in results.items()}, out)
 
 
 if __name__ == "__main__":
