@@ -35,6 +35,7 @@ def test_masked_recipe_learns_far_beyond_popularity(small_dataset, tmp_path):
     result = run(_config(small_dataset, tmp_path / "run", "train.epochs=12", "data.max_len=30"))
     metrics = result.metrics
     assert metrics["test"]["NDCG@10"] > 2 * metrics["popularity"]["test"]["NDCG@10"]
+    assert metrics["beats_popularity"] is True
     assert metrics["valid"]["NDCG@10"] > 0
     for name in ("metrics.json", "metrics.jsonl", "config.yaml", "item_init.json", "model/model.safetensors", "model/seqrec_items.json"):
         assert (tmp_path / "run" / name).is_file(), name
@@ -65,9 +66,12 @@ def test_prefix_cutting_reaches_the_trained_batches(small_dataset, tmp_path, mon
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
 
 
-def test_max_steps_and_early_stopping_bound_the_run(small_dataset, tmp_path):
+def test_max_steps_and_early_stopping_bound_the_run(small_dataset, tmp_path, caplog):
     result = run(_config(small_dataset, tmp_path / "run", "train.epochs=50", "train.max_steps=3", "train.log_every=1"))
     assert result.metrics["steps"] == 3 and result.metrics["epochs_run"] == 1
+    # Three steps teach nothing: the run says it stayed at the popularity level.
+    assert result.metrics["beats_popularity"] is False
+    assert "does not beat the popularity baseline" in caplog.text
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in lines if "loss" in row] == [1, 2, 3]
 
