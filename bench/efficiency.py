@@ -223,7 +223,6 @@ def main() -> None:
     naive_model.to(device)
     mlm, vocab = naive_model.mlm, naive_model.vocab
     optimizer = torch.optim.AdamW(mlm.parameters(), lr=1e-3)
-    item_rows = vocab.item_rows
 
     def naive_step(pair):
         items, batch_draws = pair
@@ -235,7 +234,7 @@ def main() -> None:
             masked_loss = F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]), labels.view(-1))
             last = out.hidden_states[-1]
             tails = torch.stack([last[row, int(masked.tail[row])] for row in range(items.shape[0])])
-            tail_logits = mlm.cls.predictions(tails)[:, item_rows].float()
+            tail_logits = mlm.cls.predictions(tails)[:, vocab.item_rows].float()
             tail_loss = F.cross_entropy(tail_logits, items[torch.arange(items.shape[0], device=device), masked.tail] - 1)
         optimizer.zero_grad()
         (masked_loss + tail_loss).backward()
@@ -271,7 +270,7 @@ def main() -> None:
                 logits = mlm(input_ids=vocab.tokens(items), attention_mask=(items != 0).long()).logits.float()
             for row in range(items.shape[0]):
                 position = int((items[row] != 0).sum()) - 1
-                scores = logits[row, position, item_rows].clone()
+                scores = logits[row, position, vocab.item_rows].clone()
                 seen = history[row][history[row] > 0] - 1
                 seen = seen[seen != targets[row] - 1].to(device)
                 scores[seen] = float("-inf")

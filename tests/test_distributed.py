@@ -18,6 +18,7 @@ import torch
 from seqrec.data.prepared import PreparedDataset
 from seqrec.data.stream import shards_for_rank
 from tests.conftest import REPO
+from tests.workers.equivalence import GRAD_CLIP
 
 VENV_BIN = Path(sys.executable).parent
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -54,7 +55,6 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
 # gradients agree to ~1e-7 relative, and Adam's g / sqrt(v) turns that into at most a few 1e-6
 # on weights after 6 steps of lr 0.01. 5e-5 is 10x that and still 200x below one step's update.
 WEIGHT_TOLERANCE = 5e-5
-GRAD_CLIP = 0.05  # tests/workers/equivalence.py
 LOSS_TOLERANCE = 1e-5
 
 
