@@ -110,15 +110,24 @@ def main() -> None:
             results.append({"recipe": row_name, **evaluation, "train_seconds": 0.0, "epochs": 0, "config": {}})
             continue
         config = load_config(REPO / "configs" / "demo.yaml", [*common, *recipes(args.keep_layers)[recipe], f"name=quality-{name}-{recipe}"])
-        metrics = run(config).metrics
+        result = run(config)
+        metrics = result.metrics
         results.append({
             "recipe": row_name, "valid": metrics["valid"], "test": metrics["test"],
             "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs_run"], "best_epoch": metrics["best_epoch"],
             "sequences_per_s": metrics["sequences_per_s"], "wall_seconds": round(time.perf_counter() - started, 1),
-            "config": config.to_dict(),
+            "valid_history": validation_history(result.run_dir), "config": config.to_dict(),
         })
         _write(name, results, published, args)
     _write(name, results, published, args)
+
+
+def validation_history(run_dir: Path) -> list[dict]:
+    """Each validation of the run (epoch, step, HR@10, NDCG@10) from its metrics.jsonl, so a row
+    shows whether it was still rising when its budget ended."""
+    rows = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip())
+    return [{"epoch": row["epoch"], "step": row["step"], "HR@10": row["valid"]["HR@10"], "NDCG@10": row["valid"]["NDCG@10"]}
+            for row in rows if "valid" in row]
 
 
 def _write(name: str, results: list[dict], published: dict, args: argparse.Namespace) -> None:
