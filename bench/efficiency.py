@@ -355,7 +355,14 @@ def write_profile(step, batches, device, title: str) -> None:
             step(batch)
         synchronize(device)
     averages = profiler.key_averages()
-    sections = [f"# seqrec training step profile: {title}, {len(batches)} steps", ""]
+    from seqrec.engine import PHASES
+
+    phases = [event for event in averages if event.key in PHASES]
+    sections = [f"# seqrec training step profile: {title}, {len(batches)} steps", "", "## phases of the step (host time includes the ops inside)", ""]
+    sections += [f"{event.key}: host {event.cpu_time_total / 1e3 / len(batches):.2f} ms/step"
+                 + (f", device {event.device_time_total / 1e3 / len(batches):.2f} ms/step" if device.type == "cuda" else "")
+                 for event in sorted(phases, key=lambda event: PHASES.index(event.key))]
+    sections.append("")
     if device.type == "cuda":
         sections += ["## by self device time", averages.table(sort_by="self_device_time_total", row_limit=30), ""]
     sections += ["## by self host time", averages.table(sort_by="self_cpu_time_total", row_limit=30), ""]

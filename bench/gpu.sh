@@ -8,7 +8,9 @@
 #   deepspeed      `deepspeed --num_gpus 1 launcher/train.py`: the demo job (pretrained MiniLM,
 #                  bf16, NCCL, ZeRO-2), then the tiny job under ZeRO-3
 #   efficiency     bench/efficiency.py --device cuda (vs naive, MFU against this GPU's bf16 peak,
-#                  evaluation and reader ratios), kept under "gpu" in bench/results/efficiency.json
+#                  evaluation and reader ratios), kept under "gpu" in bench/results/efficiency.json,
+#                  plus the eager step's operator table (--profile: bench/results/profile_cuda.txt),
+#                  to find where the host time of the launch-bound eager step goes
 #   quality-ml-1m  bench/quality.py, the default recipe with all 6 MiniLM layers at lr 2e-4 with 300
 #                  warm-up steps (on an H200, lr 1e-3, the 2-layer CPU recipe's, never left the
 #                  popularity level; 1e-4, 2e-4 and 5e-4 gave test NDCG@10 0.171, 0.182 and 0.176)
@@ -73,7 +75,7 @@ for name in "${steps[@]}"; do
     case $name in
         cuda-tests) step cuda-tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_masking.py tests/test_train.py -k cuda ;;
         deepspeed) step deepspeed 300 deepspeed_runs ;;
-        efficiency) step efficiency 600 "$PYTHON" bench/efficiency.py --device cuda ;;
+        efficiency) step efficiency 600 "$PYTHON" bench/efficiency.py --device cuda --profile ;;
         quality-ml-1m) step quality-ml-1m "$(minutes_limit "$ML1M_MINUTES")" quality ml-1m "$ML1M_MINUTES" ;;
         quality-beauty) step quality-beauty "$(minutes_limit "$BEAUTY_MINUTES")" quality beauty "$BEAUTY_MINUTES" ;;
         *) echo "unknown step $name"; failures=$((failures + 1)) ;;

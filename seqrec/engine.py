@@ -15,12 +15,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from seqrec.config import JobConfig
 from seqrec.errors import ConfigError
 from seqrec.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
+
+PHASES = ("seqrec.forward", "seqrec.backward", "seqrec.clip_gradients", "seqrec.optimizer_step")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _OWNED_BY_JOB = {
@@ -162,14 +165,20 @@ class TrainingEngine:
     def model(self):
         return self.engine.module.model
 
+    # Each phase of a step is a named range in torch.profiler traces (PHASES), so a profile shows
+    # which phase holds the host when a GPU step is launch-bound.
     def forward(self, items: torch.Tensor, draws: torch.Tensor):
-        return self.engine(items, draws)
+        with record_function(PHASES[0]):
+            return self.engine(items, draws)
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        with record_function(PHASES[1]):
+            self.engine.backward(loss)
         if self.job_grad_clip and self.engine.is_gradient_accumulation_boundary():
-            self._job_grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped_parameters, self.job_grad_clip, foreach=True)
-        self.engine.step()
+            with record_function(PHASES[2]):
+                self._job_grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped_parameters, self.job_grad_clip, foreach=True)
+        with record_function(PHASES[3]):
+            self.engine.step()
 
     @property
     def planned_steps(self) -> int:

@@ -188,3 +188,15 @@ def test_time_budget_ends_the_learning_rate_decay_where_training_stops(small_dat
     else:
         assert metrics["schedule_steps"] > 5 * metrics["steps"]
         assert lrs[-1] > 0.5 * max(lrs)
+
+
+def test_each_phase_of_a_step_is_a_named_profiler_range(small_dataset, tmp_path):
+    from torch.profiler import ProfilerActivity, profile
+
+    from seqrec.engine import PHASES
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        run(_config(small_dataset, tmp_path / "run", "train.max_steps=2", "train.epochs=1", "data.max_len=20"))
+    counts = {event.key: event.count for event in profiler.key_averages() if event.key in PHASES}
+    # tiny.yaml runs ZeRO-0 in fp32 with clipping, so the job clips: every phase, once per step.
+    assert counts == {phase: 2 for phase in PHASES}, counts
