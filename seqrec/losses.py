@@ -67,8 +67,14 @@ def masked_loss_sums(model: SeqRecModel, batch: MaskedBatch) -> LossSums:
     others[rows, batch.tail] = False
     positions = torch.cat([rows * length + batch.tail, torch.nonzero(others.flatten()).flatten()])
     losses = model(batch.inputs, positions, batch.labels.flatten()[positions])
-    count = torch.tensor(float(len(losses)), device=losses.device)
-    return LossSums(losses[:batch_size].mean(), losses.sum(), count, losses.shape[0])
+    return LossSums(losses[:batch_size].mean(), losses.sum(), _count(losses), losses.shape[0])
+
+
+def _count(losses: torch.Tensor) -> torch.Tensor:
+    """The number of scored rows as a device scalar, filled on the device: `torch.tensor(n,
+    device=cuda)` would copy from pageable host memory, which waits for the forward pass
+    already queued on the stream and so stalls the host before it can launch the backward."""
+    return torch.full((), float(losses.shape[0]), dtype=torch.float32, device=losses.device)
 
 
 def masked_item_loss(model: SeqRecModel, batch: MaskedBatch, tail_weight: float, masked_weight: float) -> LossParts:
@@ -89,8 +95,7 @@ def causal_loss_sums(model: SeqRecModel, items: torch.Tensor) -> LossSums:
     valid = (inputs != 0) & (targets != 0)
     positions = torch.nonzero(valid.flatten()).flatten()
     losses = model(inputs, positions, targets.flatten()[positions])
-    count = torch.tensor(float(len(positions)), device=losses.device)
-    return LossSums(torch.zeros((), device=losses.device), losses.sum(), count, losses.shape[0])
+    return LossSums(torch.zeros((), device=losses.device), losses.sum(), _count(losses), losses.shape[0])
 
 
 def causal_next_item_loss(model: SeqRecModel, items: torch.Tensor) -> LossParts:
