@@ -14,6 +14,7 @@ import logging
 import math
 import shutil
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -205,13 +206,18 @@ class _Trainer:
         self.engine.train()
         finished = state.step >= self.total_steps
         last_epoch_end = time.perf_counter()
+        # An epoch's cycle (its training plus the validation before it) alternates between short
+        # and long when validation runs every k-th epoch; the mean over the last k is the
+        # period's, so the planned end of the decay does not swing from epoch to epoch.
+        recent_cycles: deque[float] = deque(maxlen=config.train.eval_every)
         while not finished and state.epoch < config.train.epochs:
             epoch = state.epoch
             epoch_started = time.perf_counter()
             ran_dry = self._train_epoch(state)
             now = time.perf_counter()
             state.train_seconds += now - epoch_started
-            out_of_time = self._check_time_budget(state, now - started, now - last_epoch_end)
+            recent_cycles.append(now - last_epoch_end)
+            out_of_time = self._check_time_budget(state, now - started, sum(recent_cycles) / len(recent_cycles))
             last_epoch_end = now
             finished = state.step >= self.total_steps or epoch + 1 == config.train.epochs or out_of_time
             stop = False

@@ -200,3 +200,29 @@ def test_each_phase_of_a_step_is_a_named_profiler_range(small_dataset, tmp_path)
     counts = {event.key: event.count for event in profiler.key_averages() if event.key in PHASES}
     # tiny.yaml runs ZeRO-0 in fp32 with clipping, so the job clips: every phase, once per step.
     assert counts == {phase: 2 for phase in PHASES}, counts
+
+
+def test_time_budget_plans_with_the_validation_period_when_validating_every_kth_epoch(small_dataset, tmp_path, monkeypatch):
+    import types
+
+    import seqrec.train as train_module
+
+    clock = _TickingClock()
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    real_evaluate = train_module.evaluate_model
+
+    def slow_evaluate(*args, **kwargs):
+        clock.now += 40.0  # validation costs about as much as an epoch's training here
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_model", slow_evaluate)
+    overrides = ("train.epochs=60", "train.time_limit_minutes=10.0", "train.log_every=1", "train.patience=100", "data.max_len=20",
+                 "optim.warmup_steps=2", "train.eval_every=2")
+    metrics = run(_config(small_dataset, tmp_path / "run", *overrides)).metrics
+    assert 4 < metrics["epochs_run"] < 60
+    lrs = [row["lr"] for row in (json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+    decay = lrs[2:]
+    # Planned from one epoch's cycle, the end of the decay swung with every other epoch's
+    # validation and the learning rate went up and down; planned from the period, it only falls.
+    assert all(later <= earlier * (1 + 1e-6) for earlier, later in zip(decay, decay[1:])), decay
+    assert lrs[-1] < 0.2 * max(lrs)
