@@ -125,9 +125,10 @@ def main() -> None:
 def validation_history(run_dir: Path) -> list[dict]:
     """Each validation of the run (epoch, step, HR@10, NDCG@10) from its metrics.jsonl, so a row
     shows whether it was still rising when its budget ended."""
-    rows = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip())
+    from seqrec.tracking import read_history
+
     return [{"epoch": row["epoch"], "step": row["step"], "HR@10": row["valid"]["HR@10"], "NDCG@10": row["valid"]["NDCG@10"]}
-            for row in rows if "valid" in row]
+            for row in read_history(run_dir) if "valid" in row]
 
 
 def _write(name: str, results: list[dict], published: dict, args: argparse.Namespace) -> None:

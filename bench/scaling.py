@@ -22,6 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, versions, write_results  # noqa: E402
 
+from seqrec.tracking import read_history  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -36,7 +38,7 @@ def measure(config: str, processes: int, stage: int, steps: int, work: Path, ext
     ]
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_history(run_dir)
     rates = [row["sequences_per_s"] for row in rows if "sequences_per_s" in row and row["step"] > 1]
     tokens = [row["tokens_per_s"] for row in rows if "tokens_per_s" in row and row["step"] > 1]
     by_rank = [row["sequences_per_s_by_rank"] for row in rows if "sequences_per_s_by_rank" in row and row["step"] > 1]

@@ -23,6 +23,12 @@ from seqrec.config import JobConfig
 log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_id"
+HISTORY_FILE = "metrics.jsonl"
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl rows (training steps, validations, the test), in the order logged."""
+    return [json.loads(line) for line in (run_dir / HISTORY_FILE).read_text().splitlines()]
 
 
 def flatten(row: dict, prefix: str = "") -> dict[str, float | int | str]:
@@ -59,7 +65,7 @@ class Tracker:
     """Rank 0 writes; on other ranks every method is a no-op."""
 
     def __init__(self, config: JobConfig, run_dir: Path, is_main: bool, resumed: bool):
-        self.history_path = run_dir / "metrics.jsonl"
+        self.history_path = run_dir / HISTORY_FILE
         self.is_main = is_main
         self.run = None
         self.mode = "disabled"

@@ -17,6 +17,7 @@ import torch
 
 from seqrec.data.prepared import PreparedDataset
 from seqrec.data.stream import shards_for_rank
+from seqrec.tracking import read_history
 from tests.conftest import REPO
 from tests.workers.equivalence import GRAD_CLIP
 
@@ -43,12 +44,8 @@ def train_args(dataset: Path, run_dir: Path, *overrides: str) -> list[str]:
     return args
 
 
-def history(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def losses_by_step(run_dir: Path) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in history(run_dir) if "loss" in row}
+    return {row["step"]: row["loss"] for row in read_history(run_dir) if "loss" in row}
 
 
 # ZeRO partitions change the order of fp32 sums (bucketed reduce-scatter vs one all-reduce):
@@ -163,7 +160,7 @@ def test_deepspeed_launcher_runs_the_same_entry_point_and_zero3_exports(tiny_dat
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["zero_stage"] == 3 and metrics["steps"] == 4
-    rows = [row for row in history(tmp_path / "run") if "loss" in row]
+    rows = [row for row in read_history(tmp_path / "run") if "loss" in row]
     assert len(rows[0]["sequences_per_s_by_rank"]) == 2 and rows[0]["tokens_per_s"] > 0
     # One evaluation (at the end): the final model is the last step, which the final checkpoint
     # holds as two ZeRO-3 partitions; merged by export, they must equal the gathered live weights.

@@ -11,7 +11,7 @@ from transformers import AutoModelForMaskedLM
 
 from seqrec.config import load_config
 from seqrec.recommend import Recommender
-from seqrec.tracking import flatten, read_offline_history, wandb_mode
+from seqrec.tracking import flatten, read_history, read_offline_history, wandb_mode
 from seqrec.train import run
 from tests.conftest import REPO
 
@@ -50,7 +50,7 @@ def test_wandb_offline_history_equals_metrics_jsonl(trained_run):
     run_files = list((trained_run.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1
     logged = [row for row in read_offline_history(run_files[0]) if "final_metrics/_type" not in row]
-    local = [flatten(json.loads(line)) for line in (trained_run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    local = [flatten(row) for row in read_history(trained_run.run_dir)]
     assert logged == local
     assert any("loss_tail" in row and "grad_norm" in row and "sequences_per_s" in row for row in logged)
     # ZeRO-0 (this config): the norm is the job's clipping norm, not DeepSpeed's missing one (NaN).

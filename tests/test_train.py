@@ -13,6 +13,7 @@ import torch
 from seqrec.cli import main
 from seqrec.config import load_config
 from seqrec.optim import lr_factor
+from seqrec.tracking import read_history
 from seqrec.train import run
 from tests.conftest import REPO
 
@@ -62,7 +63,7 @@ def test_prefix_cutting_reaches_the_trained_batches(small_dataset, tmp_path, mon
     cut_lengths = torch.cat([(batch != 0).sum(dim=1) for batch in seen])
     assert cut_lengths.float().mean() < 0.75 * uncut_lengths.float().mean()
     assert int(cut_lengths.min()) >= min(2, int(uncut_lengths.min())), "a cut keeps at least 2 items"
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    losses = [row["loss"] for row in read_history(tmp_path / "cut") if "loss" in row]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
 
 
@@ -72,15 +73,14 @@ def test_max_steps_and_early_stopping_bound_the_run(small_dataset, tmp_path, cap
     # Three steps teach nothing: the run says it stayed at the popularity level.
     assert result.metrics["beats_popularity"] is False
     assert "does not beat the popularity baseline" in caplog.text
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in lines if "loss" in row] == [1, 2, 3]
+    assert [row["step"] for row in read_history(tmp_path / "run") if "loss" in row] == [1, 2, 3]
 
 
 def test_gradient_accumulation_takes_one_optimiser_step_per_global_batch(small_dataset, tmp_path):
     overrides = ("train.batch_size=32", "train.micro_batch_size=8", "train.max_steps=3", "train.log_every=1")
     result = run(_config(small_dataset, tmp_path / "run", *overrides))
     assert (result.metrics["micro_batch"], result.metrics["accumulation"], result.metrics["steps"]) == (8, 4, 3)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_history(tmp_path / "run")
     assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3]
     # Linear warm-up over 5 steps advances once per optimiser step, not per micro-batch.
     lrs = [row["lr"] for row in rows if "loss" in row]
@@ -109,8 +109,7 @@ def test_training_on_cuda_runs_bf16_over_nccl_and_learns(small_dataset, tmp_path
 
 
 def _step_losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows if "loss" in row]
+    return [row["loss"] for row in read_history(run_dir) if "loss" in row]
 
 
 @pytest.mark.slow
@@ -181,7 +180,7 @@ def test_time_budget_ends_the_learning_rate_decay_where_training_stops(small_dat
                  "optim.warmup_steps=2", f"optim.fit_schedule_to_time_limit={str(fit).lower()}")
     metrics = run(_config(small_dataset, tmp_path / "run", *overrides)).metrics
     assert 2 < metrics["epochs_run"] < 40, "the clock's budget, not train.epochs, ends the run"
-    lrs = [row["lr"] for row in (json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+    lrs = [row["lr"] for row in read_history(tmp_path / "run") if "loss" in row]
     if fit:
         assert metrics["schedule_steps"] == metrics["steps"], "the decay was re-planned to end at the last step"
         assert lrs[-1] < 0.05 * max(lrs)
@@ -220,7 +219,7 @@ def test_time_budget_plans_with_the_validation_period_when_validating_every_kth_
                  "optim.warmup_steps=2", "train.eval_every=2")
     metrics = run(_config(small_dataset, tmp_path / "run", *overrides)).metrics
     assert 4 < metrics["epochs_run"] < 60
-    lrs = [row["lr"] for row in (json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+    lrs = [row["lr"] for row in read_history(tmp_path / "run") if "loss" in row]
     decay = lrs[2:]
     # Planned from one epoch's cycle, the end of the decay swung with every other epoch's
     # validation and the learning rate went up and down; planned from the period, it only falls.
