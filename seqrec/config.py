@@ -16,6 +16,7 @@ import yaml
 from seqrec.errors import ConfigError
 
 PRETRAINED_DEFAULT = "minilm"
+WORKER_START_METHODS = ("forkserver", "spawn", "fork")
 
 
 @dataclass
@@ -24,6 +25,9 @@ class DataConfig:
     max_len: int = 50
     shuffle_buffer: int = 2000
     num_workers: int = 1
+    # How reader workers start: forkserver (default) keeps a fresh, small worker per epoch;
+    # fork copies the trainer (seqrec.data.stream.worker_context says what that costs).
+    worker_start: str = "forkserver"
     pad_multiple: int = 8
     # Sequences longer than max_len: `recent` keeps the most recent max_len items; `windows`
     # cuts the whole sequence into consecutive max_len windows (newest first), each a sample.
@@ -34,6 +38,7 @@ class DataConfig:
         _choice(self.long_sequences, "data.long_sequences", ("recent", "windows"))
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0", self.shuffle_buffer)
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
+        _choice(self.worker_start, "data.worker_start", WORKER_START_METHODS)
         _check(self.pad_multiple >= 1, "data.pad_multiple", "must be >= 1", self.pad_multiple)
 
 

@@ -267,7 +267,8 @@ class _Trainer:
         """One epoch (or its remainder after a resume); returns each rank's leftover micro-batches."""
         config, plan = self.config, self.plan
         stream = self.data.sequences(self.stream_options, self.info.rank, self.info.world_size, epoch=state.epoch)
-        loader = sequence_loader(stream, self.stream_options, plan.micro_batch, config.data.num_workers, pin_memory=self.device.type == "cuda")
+        loader = sequence_loader(stream, self.stream_options, plan.micro_batch, config.data.num_workers,
+                                 pin_memory=self.device.type == "cuda", worker_start=config.data.worker_start)
         batches = iter(loader)
         for _ in range(state.micro_batches_in_epoch):
             next(batches)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import collections
 import json
+import multiprocessing
 import os
+import sys
 import tarfile
 
 import numpy as np
@@ -56,6 +58,34 @@ def test_every_sequence_read_exactly_once_per_epoch_across_2_ranks_x_2_workers(t
     assert counts == collections.Counter(_all_keys(dataset))
     assert set(counts.values()) == {1}
     assert not set(per_rank[0]) & set(per_rank[1])
+
+
+def _private_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        return sum(int(line.split()[1]) for line in rollup if line.startswith(("Private_Clean:", "Private_Dirty:"))) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the worker's private memory from /proc")
+@pytest.mark.parametrize("worker_start, keeps_a_copy", [("forkserver", False), ("fork", True)])
+def test_reader_worker_keeps_no_copy_of_memory_the_trainer_writes(tiny_dataset, worker_start, keeps_a_copy):
+    """Each epoch starts a new worker while the trainer is full-grown; a forked one ends up owning the
+    old copy of every page the trainer writes afterwards. `fork` shows the test can tell."""
+    options = StreamOptions(max_len=16, shuffle_buffer=50, seed=3, prefix_prob=0.5)
+    trainer_memory = torch.ones(64 * 2**20 // 4)
+    before = set(multiprocessing.active_children())
+    batches = iter(sequence_loader(PreparedDataset.open(tiny_dataset).sequences(options), options, batch_size=8, num_workers=1, worker_start=worker_start))
+    next(batches)
+    (worker,) = set(multiprocessing.active_children()) - before
+    trainer_memory.add_(1.0)
+    assert (_private_mb(worker.pid) > 64) == keeps_a_copy
+    assert sum(len(batch.keys) for batch in batches) > 0
+    del batches
+
+
+def test_worker_start_method_is_checked():
+    options = StreamOptions(max_len=16)
+    with pytest.raises(ConfigError, match="data.worker_start: must be one of"):
+        sequence_loader(iter(()), options, batch_size=8, num_workers=1, worker_start="thread")
 
 
 def test_shard_assignment_is_a_partition_that_changes_per_epoch():

@@ -15,6 +15,7 @@ happens before length bucketing, shorter rows cost fewer tokens.
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
+from seqrec.config import WORKER_START_METHODS
 from seqrec.data.sequences import right_pad
 from seqrec.data.shards import SEQUENCE_FIELD, decode_sequence
 from seqrec.errors import ConfigError, ShardError
@@ -141,16 +143,40 @@ def collate(samples: Sequence[SequenceSample], pad_multiple: int = 8, max_len: i
     return SequenceBatch([sample.key for sample in samples], torch.from_numpy(padded), torch.from_numpy(lengths))
 
 
-def sequence_loader(dataset: wds.WebDataset, options: StreamOptions, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+def worker_context(method: str) -> multiprocessing.context.BaseContext:
+    """How reader workers are started. The training loop builds a new DataLoader every epoch (shard
+    order and prefix cuts change), so a forked worker is a copy of the full-grown trainer, and
+    every page the trainer writes while the worker lives (weights, optimiser state, reused
+    activation buffers) is duplicated: on Beauty at batch 512 the third epoch's worker held
+    3.2 GB of its own beside a 5.0 GB trainer (bench/results/worker_memory.md), and two runs
+    side by side exhausted a 24 GiB machine. Workers forked from a forkserver (started once per
+    process, with this module preloaded) held 22 MB and reach their first batch as fast as a
+    fork; forking a multi-threaded trainer can also deadlock."""
+    if method not in WORKER_START_METHODS:
+        raise ConfigError(f"data.worker_start: must be one of {WORKER_START_METHODS}, got {method!r}")
+    if method not in multiprocessing.get_all_start_methods():
+        raise ConfigError(f"data.worker_start: {method!r} is not available on this platform; use one of {multiprocessing.get_all_start_methods()}")
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        # Takes effect when the server starts (the first worker of the process); __main__ first,
+        # so that workers do not each import the entry script again.
+        context.set_forkserver_preload(["__main__", __name__])
+    return context
+
+
+def sequence_loader(dataset: wds.WebDataset, options: StreamOptions, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
+                    worker_start: str = "forkserver") -> DataLoader:
     """Batches are formed inside the workers (length-bucketed), so the DataLoader does not batch again."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
+    context = worker_context(worker_start) if num_workers > 0 else None
     batches = dataset.compose(partial(_length_bucketed, batch_size=batch_size, pool=options.bucket_pool, seed=options.seed))
     batches = batches.map(partial(collate, pad_multiple=options.pad_multiple, max_len=options.max_len))
     # A private generator: creating the iterator must not draw from the global torch RNG, whose
     # state a resumed run restores (dropout) and expects untouched by data loading.
     return DataLoader(
-        batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(options.seed)
+        batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(options.seed),
+        multiprocessing_context=context,
     )
 
 
