@@ -8,8 +8,8 @@ process's private memory (Private_Clean + Private_Dirty of /proc/PID/smaps_rollu
 `--interval` seconds. The loop builds a new DataLoader every epoch; a forked worker starts as a
 copy of the trainer and comes to own the old copy of every page the trainer writes while it
 lives, so its private memory grows toward the trainer's own. Reported per method: the trainer's
-peak, each reader worker's peak (in start order: one per epoch) and the forkserver's, and
-their sum. Linux only. Writes bench/results/worker_memory.json and .md.
+peak, each reader worker's peak (in start order: one per epoch) and the forkserver's.
+Linux only. Writes bench/results/worker_memory.json and .md.
 """
 
 from __future__ import annotations
