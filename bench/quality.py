@@ -52,7 +52,9 @@ def recipes(keep_layers: int) -> dict[str, list[str]]:
     return {
         "default": [*base, "model.weights=pretrained"],
         "scratch": [*base, "model.weights=random"],
-        "causal": [*base, "model.weights=random", "model.attention=causal"],
+        # Every position of a causal row is already a next-item target, so a prefix cut only
+        # drops targets: the SASRec+ baseline trains on whole rows.
+        "causal": [*base, "model.weights=random", "model.attention=causal", "loss.prefix_prob=0.0"],
         "default-text": [*base, "model.weights=pretrained", "model.item_init=text"],
     }
 
