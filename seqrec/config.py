@@ -68,7 +68,13 @@ class ModelConfig:
     keep_layers: int | None = None
     max_position_embeddings: int | None = None
     item_init: str = "mean"
-    item_init_noise: float = 0.02
+    # Std of the Gaussian noise added to each new item row (rules mean and text). null: the mean
+    # per-dimension std of the existing embedding rows (0.055 for MiniLM's word pieces), so that
+    # mean-rule items start as far apart as the word pieces: on Beauty (54k items, ~5 training
+    # events each) that learned faster than 0.02 (30 CPU minutes: test NDCG@10 0.0133 against
+    # 0.0123; bench/results/quality_beauty.md). With `text` it would drown the titles (MiniLM's
+    # title means spread 0.017 per dimension on ML-1M), so keep a small value there.
+    item_init_noise: float | None = 0.02
     attention: str = "bidirectional"
     # Position ids: from_start numbers items 0, 1, ... from the oldest kept; from_end counts back
     # from the newest (0 at the tail), so "the item to predict" and "the last few items" keep
@@ -99,7 +105,7 @@ class ModelConfig:
         _choice(self.positions, "model.positions", ("from_start", "from_end"))
         _choice(self.attention_kernel, "model.attention_kernel", ("auto", "eager", "sdpa"))
         _check(self.keep_layers is None or self.keep_layers >= 1, "model.keep_layers", "must be >= 1 or null", self.keep_layers)
-        _check(self.item_init_noise >= 0, "model.item_init_noise", "must be >= 0", self.item_init_noise)
+        _check(self.item_init_noise is None or self.item_init_noise >= 0, "model.item_init_noise", "must be >= 0 or null", self.item_init_noise)
         _check(self.dropout is None or 0 <= self.dropout < 1, "model.dropout", "must be in [0, 1) or null", self.dropout)
         _check(self.attention_dropout is None or 0 <= self.attention_dropout < 1, "model.attention_dropout", "must be in [0, 1) or null", self.attention_dropout)
         self.scratch.validate()

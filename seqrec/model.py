@@ -241,7 +241,8 @@ def _init_item_embeddings(mlm, tokenizer, vocab: ItemVocabulary, base: torch.Ten
     weight = mlm.get_input_embeddings().weight
     generator = torch.Generator().manual_seed(0)
     n, hidden = vocab.num_items, weight.shape[1]
-    noise = torch.randn(n, hidden, generator=generator) * config.item_init_noise
+    noise_std = float(base.float().std(dim=0).mean()) if config.item_init_noise is None else config.item_init_noise
+    noise = torch.randn(n, hidden, generator=generator) * noise_std
     rule = torch.zeros(n, dtype=torch.long)  # 0 mean, 1 random, 2 text
     if config.item_init == "random":
         std = mlm.config.initializer_range
@@ -258,10 +259,11 @@ def _init_item_embeddings(mlm, tokenizer, vocab: ItemVocabulary, base: torch.Ten
     names = ("mean", "random", "text")
     report = {
         "requested": config.item_init,
+        "noise_std": noise_std if config.item_init != "random" else None,
         "counts": {name: int((rule == k).sum()) for k, name in enumerate(names)},
         "items_by_rule": {name: (torch.nonzero(rule == k).flatten() + 1).tolist() for k, name in enumerate(names) if (rule == k).any()},
     }
-    log.info("item embeddings initialised: %s", report["counts"])
+    log.info("item embeddings initialised: %s%s", report["counts"], f", noise std {noise_std:.4f}" if config.item_init != "random" else "")
     return report
 
 

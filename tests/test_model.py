@@ -40,6 +40,27 @@ def test_mean_init_is_base_mean_plus_small_noise():
     assert 0.01 < spread < 0.03
 
 
+def test_null_noise_matches_the_spread_of_the_pretrained_word_pieces():
+    """MiniLM's word pieces spread ~0.055 per dimension, well apart from the 0.02 default, so the
+    test fails if null fell back to a fixed scale."""
+    model, report = build_model(ModelConfig(item_init="mean", item_init_noise=None, keep_layers=1), 200, max_len=16)
+    weight = model.mlm.get_input_embeddings().weight.detach()
+    base = weight[: model.vocab.first_item_token]
+    expected = base.std(dim=0).mean().item()
+    assert expected > 0.04
+    assert report["noise_std"] == pytest.approx(expected)
+    spread = (model.item_embeddings().detach() - base.mean(0)).std().item()
+    assert spread == pytest.approx(expected, rel=0.05)
+
+
+def test_item_init_noise_is_checked_at_load():
+    from seqrec.config import load_config
+
+    assert load_config(None, ["model.item_init_noise=null"]).model.item_init_noise is None
+    with pytest.raises(ConfigError, match="model.item_init_noise: must be >= 0 or null"):
+        load_config(None, ["model.item_init_noise=-0.1"])
+
+
 def test_random_init_uses_the_initializer_range():
     model, report = _tiny(item_init="random")
     assert report["counts"]["random"] == 30
