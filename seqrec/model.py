@@ -241,14 +241,17 @@ def _init_item_embeddings(mlm, tokenizer, vocab: ItemVocabulary, base: torch.Ten
     weight = mlm.get_input_embeddings().weight
     generator = torch.Generator().manual_seed(0)
     n, hidden = vocab.num_items, weight.shape[1]
-    noise_std = float(base.float().std(dim=0).mean()) if config.item_init_noise is None else config.item_init_noise
-    noise = torch.randn(n, hidden, generator=generator) * noise_std
+    # Drawn for every rule, so the `random` rows stay the generator's second draw.
+    draws = torch.randn(n, hidden, generator=generator)
     rule = torch.zeros(n, dtype=torch.long)  # 0 mean, 1 random, 2 text
+    noise_std = None
     if config.item_init == "random":
         std = mlm.config.initializer_range
         new = torch.randn(n, hidden, generator=generator) * std
         rule[:] = 1
     else:
+        noise_std = float(base.float().std(dim=0).mean()) if config.item_init_noise is None else config.item_init_noise
+        noise = draws * noise_std
         new = base.mean(dim=0, keepdim=True) + noise
         if config.item_init == "text":
             text, has_text = _title_embeddings(tokenizer, base, titles, n)
@@ -259,11 +262,11 @@ def _init_item_embeddings(mlm, tokenizer, vocab: ItemVocabulary, base: torch.Ten
     names = ("mean", "random", "text")
     report = {
         "requested": config.item_init,
-        "noise_std": noise_std if config.item_init != "random" else None,
+        "noise_std": noise_std,
         "counts": {name: int((rule == k).sum()) for k, name in enumerate(names)},
         "items_by_rule": {name: (torch.nonzero(rule == k).flatten() + 1).tolist() for k, name in enumerate(names) if (rule == k).any()},
     }
-    log.info("item embeddings initialised: %s%s", report["counts"], f", noise std {noise_std:.4f}" if config.item_init != "random" else "")
+    log.info("item embeddings initialised: %s%s", report["counts"], f", noise std {noise_std:.4f}" if noise_std is not None else "")
     return report
 
 
