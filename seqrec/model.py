@@ -113,6 +113,11 @@ class SeqRecModel(nn.Module):
 
     def scoring_parameters(self) -> list[nn.Parameter]:
         """Parameters used in forward outside the submodule that owns them (ZeRO-3 must be told)."""
+        return self.item_parameters()
+
+    def item_parameters(self) -> list[nn.Parameter]:
+        """The tensors that hold the item rows: the token-embedding table (tied to the output) and
+        the output bias. Everything else is the encoder body."""
         return [self.mlm.get_input_embeddings().weight, self.mlm.cls.predictions.bias]
 
     def item_embeddings(self) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -10,16 +11,25 @@ from torch import nn
 from seqrec.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+def build_optimizer(model: nn.Module, config: OptimConfig, item_parameters: Iterable[nn.Parameter] = ()) -> torch.optim.AdamW:
+    """`item_parameters` (the tensors that hold the new item rows) train at `config.lr`, the rest
+    (the pretrained body) at `config.lr x config.body_lr_scale`."""
+    item_ids = {id(parameter) for parameter in item_parameters}
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        (no_decay if parameter.ndim < 2 or "LayerNorm" in name else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        weight_decay = 0.0 if parameter.ndim < 2 or "LayerNorm" in name else config.weight_decay
+        lr = config.lr if id(parameter) in item_ids else config.lr * config.body_lr_scale
+        groups.setdefault((lr, weight_decay), []).append(parameter)
+    # Item groups come first, so param_groups[0] (what the run logs as its lr) is at config.lr.
+    ordered = sorted(groups.items(), key=lambda entry: (entry[0][0] != config.lr, entry[0][1] == 0.0))
     # The fused kernel (CPU and CUDA) is ~5x faster than the per-tensor loop on the large
     # embedding matrix, which holds most of the parameters here.
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=True)
+    return torch.optim.AdamW(
+        [{"params": params, "lr": lr, "weight_decay": weight_decay} for (lr, weight_decay), params in ordered],
+        lr=config.lr, betas=config.betas, fused=True,
+    )
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
