@@ -158,10 +158,10 @@ class OptimConfig:
     warmup_steps: int = 100
     schedule: str = "linear"
     grad_clip: float = 1.0
-    # Learning-rate multiplier for everything but the tensors holding the item rows (the token
-    # embedding table and the output bias): the pretrained encoder can want a gentler rate than
-    # item rows that start from nothing.
-    body_lr_scale: float = 1.0
+    # Learning-rate multiplier for the tensors loaded from the pretrained checkpoint (the encoder):
+    # it may want a gentler rate than item rows and fresh tensors (the MLM head where the checkpoint
+    # has none), which start from nothing and keep optim.lr. No effect from random weights.
+    pretrained_lr_scale: float = 1.0
     # With train.time_limit_minutes: at each epoch end the decay is re-planned to end at the
     # epoch where the budget will stop training (else a budget cuts the decay part-way, at a
     # high learning rate). False: the decay spans train.epochs / max_steps regardless.
@@ -169,7 +169,7 @@ class OptimConfig:
 
     def validate(self) -> None:
         _check(self.lr > 0, "optim.lr", "must be > 0", self.lr)
-        _check(self.body_lr_scale > 0, "optim.body_lr_scale", "must be > 0", self.body_lr_scale)
+        _check(self.pretrained_lr_scale > 0, "optim.pretrained_lr_scale", "must be > 0", self.pretrained_lr_scale)
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
         _check(all(0 <= b < 1 for b in self.betas), "optim.betas", "must be two values in [0, 1)", self.betas)
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", self.warmup_steps)

@@ -147,7 +147,7 @@ class TrainingEngine:
         if self.zero_stage == 3:
             for parameter in model.scoring_parameters():
                 deepspeed.zero.register_external_parameter(model, parameter)
-        optimizer = build_optimizer(objective, config.optim, model.item_parameters())
+        optimizer = build_optimizer(objective, config.optim, model.pretrained_parameters())
         scheduler = build_scheduler(optimizer, config.optim, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,

@@ -66,9 +66,12 @@ def position_ids_for(scheme: str, items: torch.Tensor) -> torch.Tensor | None:
 
 
 class SeqRecModel(nn.Module):
-    def __init__(self, mlm: BertForMaskedLM, tokenizer, vocab: ItemVocabulary, causal: bool, positions: str = "from_start"):
+    def __init__(self, mlm: BertForMaskedLM, tokenizer, vocab: ItemVocabulary, causal: bool, positions: str = "from_start",
+                 loaded: frozenset[str] = frozenset()):
         super().__init__()
         self.mlm = mlm
+        # Names (in `mlm`) of the tensors whose values came from a pretrained checkpoint.
+        self.loaded = loaded
         self.tokenizer = tokenizer
         self.vocab = vocab
         self.causal = causal
@@ -117,8 +120,14 @@ class SeqRecModel(nn.Module):
 
     def item_parameters(self) -> list[nn.Parameter]:
         """The tensors that hold the item rows: the token-embedding table (tied to the output) and
-        the output bias. Everything else is the encoder body."""
+        the output bias."""
         return [self.mlm.get_input_embeddings().weight, self.mlm.cls.predictions.bias]
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        """Tensors loaded from the pretrained checkpoint, less those that hold item rows (the
+        table's word-piece rows are pretrained, its item rows are new)."""
+        items = {id(parameter) for parameter in self.item_parameters()}
+        return [parameter for name, parameter in self.mlm.named_parameters() if name in self.loaded and id(parameter) not in items]
 
     def item_embeddings(self) -> torch.Tensor:
         return self.mlm.get_input_embeddings().weight[self.vocab.item_rows]
@@ -171,7 +180,7 @@ def pretrained_directory(spec: str) -> Path:
 def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[str] | None = None, device: str | torch.device = "cpu") -> tuple[SeqRecModel, dict]:
     """The extended-vocabulary model and a report of how each new item embedding was initialised.
     `device` is where it will run (it picks the attention kernel); the model is built on the CPU."""
-    mlm, tokenizer = _load_base(config, max_len)
+    mlm, tokenizer, loaded = _load_base(config, max_len)
     mlm.set_attn_implementation(attention_kernel(config.attention_kernel, torch.device(device)))
     base_vocab = mlm.get_input_embeddings().weight.shape[0]
     base_embeddings = mlm.get_input_embeddings().weight.detach().clone()
@@ -185,10 +194,12 @@ def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[
     report = _init_item_embeddings(mlm, tokenizer, vocab, base_embeddings[:base_vocab], config, titles)
     with torch.no_grad():
         mlm.cls.predictions.bias[vocab.item_rows] = 0.0
-    return SeqRecModel(mlm, tokenizer, vocab, causal=config.attention == "causal", positions=config.positions), report
+    model = SeqRecModel(mlm, tokenizer, vocab, causal=config.attention == "causal", positions=config.positions, loaded=loaded)
+    return model, report
 
 
-def _load_base(config: ModelConfig, max_len: int) -> tuple[BertForMaskedLM, object]:
+def _load_base(config: ModelConfig, max_len: int) -> tuple[BertForMaskedLM, object, frozenset[str]]:
+    """The base BERT, its tokenizer, and the names of the parameters loaded from a checkpoint."""
     overrides: dict = {"is_decoder": config.attention == "causal"}
     if config.dropout is not None:
         overrides.update(hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
@@ -208,19 +219,21 @@ def _load_base(config: ModelConfig, max_len: int) -> tuple[BertForMaskedLM, obje
             "pad_token_id": 0,
         }
         bert_config = BertConfig(**{**architecture, **overrides})
-        mlm, tokenizer = BertForMaskedLM(bert_config), _special_tokens_tokenizer()
+        mlm, tokenizer, loaded = BertForMaskedLM(bert_config), _special_tokens_tokenizer(), frozenset()
     else:
         directory = pretrained_directory(config.pretrained)
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(directory)
             if config.weights == "pretrained":
                 mlm, info = AutoModelForMaskedLM.from_pretrained(directory, output_loading_info=True, **overrides)
-                if info["missing_keys"]:
+                missing = set(info["missing_keys"])
+                loaded = frozenset(name for name, _ in mlm.named_parameters() if name not in missing)
+                if missing:
                     log.info("pretrained %s: %d tensors not in the checkpoint, freshly initialised: %s",
-                             directory, len(info["missing_keys"]), ", ".join(sorted(info["missing_keys"])))
+                             directory, len(missing), ", ".join(sorted(missing)))
             else:
                 bert_config = BertConfig.from_pretrained(directory, **overrides)
-                mlm = AutoModelForMaskedLM.from_config(bert_config)
+                mlm, loaded = AutoModelForMaskedLM.from_config(bert_config), frozenset()
         if not isinstance(mlm, BertForMaskedLM):
             raise ConfigError(f"model.pretrained: {directory} is a {type(mlm).__name__}, seqrec needs a BERT")
         if config.max_position_embeddings is not None and config.max_position_embeddings != mlm.config.max_position_embeddings:
@@ -239,7 +252,7 @@ def _load_base(config: ModelConfig, max_len: int) -> tuple[BertForMaskedLM, obje
             raise ConfigError(f"model.keep_layers: {config.keep_layers} exceeds the model's {len(layers)} layers")
         mlm.bert.encoder.layer = layers[: config.keep_layers]
         mlm.config.num_hidden_layers = config.keep_layers
-    return mlm, tokenizer
+    return mlm, tokenizer, loaded
 
 
 def _init_item_embeddings(mlm, tokenizer, vocab: ItemVocabulary, base: torch.Tensor, config: ModelConfig, titles) -> dict:

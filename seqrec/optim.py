@@ -11,18 +11,18 @@ from torch import nn
 from seqrec.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, item_parameters: Iterable[nn.Parameter] = ()) -> torch.optim.AdamW:
-    """`item_parameters` (the tensors that hold the new item rows) train at `config.lr`, the rest
-    (the pretrained body) at `config.lr x config.body_lr_scale`."""
-    item_ids = {id(parameter) for parameter in item_parameters}
+def build_optimizer(model: nn.Module, config: OptimConfig, pretrained_parameters: Iterable[nn.Parameter] = ()) -> torch.optim.AdamW:
+    """AdamW at `config.lr`, and at `config.lr x config.pretrained_lr_scale` for
+    `pretrained_parameters` (those loaded from a checkpoint)."""
+    pretrained = {id(parameter) for parameter in pretrained_parameters}
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
+        lr = config.lr * config.pretrained_lr_scale if id(parameter) in pretrained else config.lr
         weight_decay = 0.0 if parameter.ndim < 2 or "LayerNorm" in name else config.weight_decay
-        lr = config.lr if id(parameter) in item_ids else config.lr * config.body_lr_scale
         groups.setdefault((lr, weight_decay), []).append(parameter)
-    # Item groups come first, so param_groups[0] (what the run logs as its lr) is at config.lr.
+    # Groups at config.lr first: param_groups[0] is what the run logs as its learning rate.
     ordered = sorted(groups.items(), key=lambda entry: (entry[0][0] != config.lr, entry[0][1] == 0.0))
     # The fused kernel (CPU and CUDA) is ~5x faster than the per-tensor loop on the large
     # embedding matrix, which holds most of the parameters here.
