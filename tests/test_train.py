@@ -95,6 +95,66 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_factor(50, 10, 100, "constant") == 1.0
 
 
+def test_pretrained_lr_scale_groups_only_the_checkpoint_tensors():
+    from seqrec.model import build_model
+    from seqrec.optim import build_optimizer, build_scheduler
+
+    config = load_config(None, ["model.pretrained=minilm", "model.keep_layers=1", "optim.lr=1e-3", "optim.pretrained_lr_scale=0.1"])
+    model, _ = build_model(config.model, 20, max_len=16)
+    optimizer = build_optimizer(model, config.optim, model.pretrained_parameters())
+    lr_of = {id(parameter): group["lr"] for group in optimizer.param_groups for parameter in group["params"]}
+    decay_of = {id(parameter): group["weight_decay"] for group in optimizer.param_groups for parameter in group["params"]}
+    mlm = model.mlm
+    assert lr_of[id(mlm.bert.encoder.layer[0].attention.self.query.weight)] == pytest.approx(1e-4)
+    assert lr_of[id(mlm.bert.embeddings.position_embeddings.weight)] == pytest.approx(1e-4)
+    # The table holds the new item rows; MiniLM ships no MLM head, so the head is fresh too.
+    assert lr_of[id(mlm.get_input_embeddings().weight)] == pytest.approx(1e-3)
+    assert lr_of[id(mlm.cls.predictions.bias)] == pytest.approx(1e-3)
+    assert lr_of[id(mlm.cls.predictions.transform.dense.weight)] == pytest.approx(1e-3)
+    assert decay_of[id(mlm.bert.encoder.layer[0].attention.output.LayerNorm.weight)] == 0.0
+    assert decay_of[id(mlm.bert.encoder.layer[0].attention.self.query.weight)] == config.optim.weight_decay
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3), "the logged learning rate is the items'"
+    # The schedule scales every group alike.
+    scheduler = build_scheduler(optimizer, config.optim, total_steps=1000)
+    for _ in range(30):
+        optimizer.step()
+        scheduler.step()
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([group["initial_lr"] * 31 / 100 for group in optimizer.param_groups])
+    # Random weights have nothing loaded; scale 1 keeps the two weight-decay groups.
+    random_model, _ = build_model(load_config(None, ["model.keep_layers=1", "model.weights=random"]).model, 20, max_len=16)
+    assert random_model.pretrained_parameters() == []
+    unscaled = build_optimizer(model, load_config(None, ["optim.lr=1e-3"]).optim, model.pretrained_parameters())
+    assert [group["lr"] for group in unscaled.param_groups] == [1e-3, 1e-3]
+    with pytest.raises(Exception, match="optim.pretrained_lr_scale: must be > 0"):
+        load_config(None, ["optim.pretrained_lr_scale=0"])
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_pretrained_lr_scale_reaches_the_trained_weights(small_dataset, tmp_path, zero_stage):
+    """Adam moves each weight by about its learning rate per step, so with the scale at 0.01 the
+    encoder moves ~100x less than at 1, while the item rows move alike."""
+    from transformers import AutoModelForMaskedLM
+
+    from seqrec.model import build_model
+
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    moved = {}
+    for scale in (1.0, 0.01):
+        run_dir = tmp_path / f"scale-{scale}"
+        overrides = ("model.pretrained=minilm", "model.keep_layers=1", "model.weights=pretrained", "train.max_steps=4",
+                     "optim.warmup_steps=1", "optim.lr=1e-3", f"optim.pretrained_lr_scale={scale}", f"distributed.zero_stage={zero_stage}")
+        config = _config(small_dataset, run_dir, *overrides)
+        run(config)
+        trained = AutoModelForMaskedLM.from_pretrained(run_dir / "model")
+        start, _ = build_model(config.model, trained.config.vocab_size - 30522, max_len=config.data.max_len)
+        moved[scale] = (
+            (trained.state_dict()[query] - start.mlm.state_dict()[query]).abs().mean().item(),
+            (trained.get_input_embeddings().weight[30522:] - start.item_embeddings()).abs().mean().item(),
+        )
+    assert moved[0.01][0] < 0.05 * moved[1.0][0]
+    assert moved[0.01][1] > 0.5 * moved[1.0][1]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; runs where a GPU is present")
 def test_training_on_cuda_runs_bf16_over_nccl_and_learns(small_dataset, tmp_path):
