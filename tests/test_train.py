@@ -133,11 +133,12 @@ def test_pretrained_lr_scale_groups_only_the_checkpoint_tensors():
 def test_pretrained_lr_scale_reaches_the_trained_weights(small_dataset, tmp_path, zero_stage):
     """Adam moves each weight by about its learning rate per step, so with the scale at 0.01 the
     encoder moves ~100x less than at 1, while the item rows move alike."""
-    from transformers import AutoModelForMaskedLM
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from seqrec.model import build_model
+    from seqrec.model import build_model, pretrained_directory
 
     query = "bert.encoder.layer.0.attention.self.query.weight"
+    first_item = len(AutoTokenizer.from_pretrained(pretrained_directory("minilm")))
     moved = {}
     for scale in (1.0, 0.01):
         run_dir = tmp_path / f"scale-{scale}"
@@ -146,10 +147,10 @@ def test_pretrained_lr_scale_reaches_the_trained_weights(small_dataset, tmp_path
         config = _config(small_dataset, run_dir, *overrides)
         run(config)
         trained = AutoModelForMaskedLM.from_pretrained(run_dir / "model")
-        start, _ = build_model(config.model, trained.config.vocab_size - 30522, max_len=config.data.max_len)
+        start, _ = build_model(config.model, trained.config.vocab_size - first_item, max_len=config.data.max_len)
         moved[scale] = (
             (trained.state_dict()[query] - start.mlm.state_dict()[query]).abs().mean().item(),
-            (trained.get_input_embeddings().weight[30522:] - start.item_embeddings()).abs().mean().item(),
+            (trained.get_input_embeddings().weight[first_item:] - start.item_embeddings()).abs().mean().item(),
         )
     assert moved[0.01][0] < 0.05 * moved[1.0][0]
     assert moved[0.01][1] > 0.5 * moved[1.0][1]
