@@ -38,12 +38,12 @@ DATASETS = {
     # 0.0103 at 64, 0.0101 at 128: ahead per epoch, not only per second. Warm-up: ~50k sequences.
     # Item rows start as far apart as MiniLM's word pieces (noise null, not 0.02): on Beauty, with
     # ~5 training events per item, that was ahead at every validation from epoch 5 (30 minutes).
-    # The pretrained encoder at 0.3 x the item rows' rate: 15 epochs on one core gave test NDCG@10
-    # 0.0139 (a 30-minute budget) against 0.0119 at 1.0 (15 epochs fixed). loss.prefix_prob 0
-    # gained about as much (0.0133), but its whole rows cost ~25% more per epoch, and the two
-    # together gave 0.0134.
+    # The pretrained encoder at 0.3 x the item rows' rate (optim.pretrained_lr_scale, the product
+    # default since): 15 epochs on one core gave test NDCG@10 0.0139 against 0.0119 at 1.0.
+    # loss.prefix_prob 0 gained about as much (0.0133), but its whole rows cost ~25% more per
+    # epoch, and the two together gave 0.0134.
     "beauty": {"source": ["beauty.txt"], "max_len": 50, "batch_size": 512, "warmup_steps": 100,
-               "overrides": ["model.item_init_noise=null", "optim.pretrained_lr_scale=0.3"],
+               "overrides": ["model.item_init_noise=null"],
                "published": {"BERT4Rec": (0.0338, 0.0187), "SASRec+ (full CE)": (0.0533, 0.0327)}},
     "ml-1m": {
         "source": ["ml-1m.txt", "--titles", "ml-1m/movies.dat", "--item-map", "ml-1m/sas_to_original_items.txt"],

@@ -123,7 +123,7 @@ def test_pretrained_lr_scale_groups_only_the_checkpoint_tensors():
     # Random weights have nothing loaded; scale 1 keeps the two weight-decay groups.
     random_model, _ = build_model(load_config(None, ["model.keep_layers=1", "model.weights=random"]).model, 20, max_len=16)
     assert random_model.pretrained_parameters() == []
-    unscaled = build_optimizer(model, load_config(None, ["optim.lr=1e-3"]).optim, model.pretrained_parameters())
+    unscaled = build_optimizer(model, load_config(None, ["optim.lr=1e-3", "optim.pretrained_lr_scale=1.0"]).optim, model.pretrained_parameters())
     assert [group["lr"] for group in unscaled.param_groups] == [1e-3, 1e-3]
     with pytest.raises(Exception, match="optim.pretrained_lr_scale: must be > 0"):
         load_config(None, ["optim.pretrained_lr_scale=0"])
