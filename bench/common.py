@@ -77,17 +77,34 @@ EFFICIENCY_HEADLINES = ("vs_naive_ratio", "vs_recbole_ratio", "vs_recbole_time_t
                         "eval_users_per_s_ratio", "reader_over_step_ratio")
 
 
+CPU_RUN_KEYS = ("vs_naive_ratio", "mfu_cpu", "eval_users_per_s_ratio", "reader_over_step_ratio", "details", "machine", "versions", "code", "command")
+
+
 def update_efficiency(results: dict, provenance: dict) -> dict:
     """Merge one script's figures into efficiency.json (efficiency.py and recbole.py each own a
-    part) and rewrite the table from the whole file, so neither drops the other's rows."""
+    part) and rewrite the table from the whole file, so neither drops the other's rows.
+    A CPU run on another machine takes the headline; the run it replaces moves to `other_cpus`
+    under its machine, since this project's CPUs differ (matmul peak, memory bandwidth) enough
+    to move every ratio."""
     path = RESULTS / "efficiency.json"
-    payload = {**(json.loads(path.read_text()) if path.is_file() else {}), **results, **provenance}
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    other_cpus = dict(previous.get("other_cpus", {}))
+    incoming = provenance.get("machine")
+    if incoming and previous.get("machine") and previous["machine"] != incoming:
+        other_cpus[previous["machine"]] = {key: previous[key] for key in CPU_RUN_KEYS if key in previous}
+        other_cpus.pop(incoming, None)
+    payload = {**previous, **results, **provenance, **({"other_cpus": other_cpus} if other_cpus else {})}
     table = [(key, str(payload[key])) for key in EFFICIENCY_HEADLINES if key in payload]
     if "recbole" in payload:
         table += [("RecBole instances/s", str(payload["recbole"]["instances_per_s"])),
                   ("seqrec sequences/s (same size)", str(payload["seqrec_same_size"]["sequences_per_s"])),
                   ("epoch time RecBole / seqrec", str(payload["epoch_time_ratio_recbole_over_seqrec"]))]
     table += [(key, str(value)) for key, value in payload.get("details", {}).items()]
+    for other, run in payload.get("other_cpus", {}).items():
+        table += [(f"{other}: {key}", str(run[key])) for key in CPU_RUN_KEYS[:4] if key in run]
+        table += [(f"{other}: step s, sequences/s, peak bf16 GFLOP/s", str(tuple(run["details"].get(key) for key in (
+            "seqrec_step_s", "seqrec_sequences_per_s", "peak_bf16_gflop_per_s"))))] if "details" in run else []
+        table += [(f"{other}: code", str(run.get("code")))]
     gpu = payload.get("gpu")
     if gpu:
         table += [(f"GPU {key}", str(gpu[key])) for key in ("vs_naive_ratio", "mfu_gpu", "eval_users_per_s_ratio", "reader_over_step_ratio")]

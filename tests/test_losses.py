@@ -79,6 +79,30 @@ def test_gradients_reach_item_embeddings_and_encoder():
     assert model.mlm.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_sparse_lookup_gradient_on_cpu_equals_the_dense_one(attention):
+    """On CPU the lookup adds its rows into the table's (dense) gradient sparsely: the same
+    gradient as a dense lookup's, and still dense, as fused AdamW and ZeRO need."""
+    items, _ = _items()
+    gradients = {}
+    for sparse in (True, False):
+        model = _model(attention).train()
+        table = model.mlm.get_input_embeddings()
+        assert table.sparse, "the CPU default"
+        table.sparse = sparse
+        if attention == "causal":
+            parts = causal_next_item_loss(model, items)
+        else:
+            parts = masked_item_loss(model, mask_items(items, 0.3, torch.Generator().manual_seed(4)), 1.0, 1.0)
+        parts.total.backward()
+        gradients[sparse] = table.weight.grad
+    assert gradients[True].layout == torch.strided
+    torch.testing.assert_close(gradients[True], gradients[False])
+    # The lookup's own share is in it: the [MASK] row is only ever looked up, never scored.
+    if attention == "bidirectional":
+        assert gradients[True][model.vocab.mask_token_id].abs().sum() > 0
+
+
 def test_causal_loss_equals_per_position_next_item_reference():
     model = _model("causal")
     items, lengths = _items()
