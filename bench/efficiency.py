@@ -99,7 +99,7 @@ def timed(function, batches, device, warmup: int = 2) -> float:
 
 
 DEFAULT_MFU_SETTINGS = {
-    "cpu": ["256x2c", "1024x2", "256x6", "1024x6", "1024x6c", "ml-1m:64x2", "ml-1m:64x2c", "ml-1m:64x6c"],
+    "cpu": ["256x2d", "256x2c", "1024x2", "256x6", "1024x6", "1024x6c", "ml-1m:64x2", "ml-1m:64x2c", "ml-1m:64x6c"],
     "cuda": ["64x6", "1024x6", "ml-1m:64x6", "ml-1m:256x6", "ml-1m:256x6c"],
 }
 GPU_DEFAULTS = {"keep_layers": 6, "batch": 256, "steps": 20}
@@ -114,8 +114,9 @@ def main() -> None:
     parser.add_argument("--eval-users", type=int, default=2048)
     parser.add_argument("--naive-eval-users", type=int, default=256)
     parser.add_argument("--mfu-settings", nargs="*", default=None,
-                        help="extra [DATASET:]BATCHxLAYERS[c] settings whose MFU is reported beside the main one "
-                             "(DATASET: beauty (default) or ml-1m, whose 200-item sequences make the encoder dominate; c: model.compile). "
+                        help="extra [DATASET:]BATCHxLAYERS[c][d] settings whose MFU is reported beside the main one "
+                             "(DATASET: beauty (default) or ml-1m, whose 200-item sequences make the encoder dominate; c: model.compile; "
+                             "d: the word-embedding lookup's gradient dense, as before the sparse CPU lookup). "
                              f"Default on cpu: {' '.join(DEFAULT_MFU_SETTINGS['cpu'])}; on cuda: {' '.join(DEFAULT_MFU_SETTINGS['cuda'])}; none with --quick")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 256 users; figures not kept")
     parser.add_argument("--profile", action="store_true",
@@ -182,7 +183,8 @@ def main() -> None:
         generator = torch.Generator().manual_seed(0)
         return [(items.to(device), torch.rand(items.shape, generator=generator).to(device)) for items in batches]
 
-    def seqrec_step_figures(batch_size: int, keep_layers: int, compile_encoder: bool = False, name: str = "beauty", profile: bool = False) -> dict:
+    def seqrec_step_figures(batch_size: int, keep_layers: int, compile_encoder: bool = False, name: str = "beauty", profile: bool = False,
+                            dense_lookup_gradient: bool = False) -> dict:
         """The product's training step (DeepSpeed engine, bf16 autocast): seconds and model FLOPs."""
         source, length_cap = dataset(name)
         setting = load_config(None, [*overrides(length_cap), f"model.keep_layers={keep_layers}", f"train.batch_size={batch_size}"])
@@ -190,6 +192,8 @@ def main() -> None:
         torch.manual_seed(0)
         model, _ = build_model(setting.model, source.num_items, length_cap, device=device)
         model.to(device)
+        if dense_lookup_gradient:  # the lookup's gradient as before 10c13d9: a zero-filled table, added in whole
+            model.mlm.get_input_embeddings().sparse = False
         engine = TrainingEngine(MaskedItemObjective(model, setting.loss.mask_prob), setting, plan_batches(setting, 1), 10**6, torch.bfloat16)
         step = lambda pair: optimizer_step(engine, [pair[0]], [pair[1]], (1.0, 1.0), 1)  # noqa: E731
         if compile_encoder:
@@ -329,10 +333,12 @@ def main() -> None:
     for spec in args.mfu_settings:
         name, _, shape = spec.rpartition(":")
         name = name or "beauty"
-        compile_encoder = shape.endswith("c")
-        batch_size, keep_layers = (int(part) for part in shape.removesuffix("c").split("x"))
-        figures = seqrec_step_figures(batch_size, keep_layers, compile_encoder, name)
-        label = ("" if name == "beauty" else f"{name}, ") + f"batch {batch_size}, {keep_layers} layers" + (", model.compile" if compile_encoder else "")
+        dense_lookup = shape.endswith("d")
+        compile_encoder = shape.removesuffix("d").endswith("c")
+        batch_size, keep_layers = (int(part) for part in shape.removesuffix("d").removesuffix("c").split("x"))
+        figures = seqrec_step_figures(batch_size, keep_layers, compile_encoder, name, dense_lookup_gradient=dense_lookup)
+        label = (("" if name == "beauty" else f"{name}, ") + f"batch {batch_size}, {keep_layers} layers"
+                 + (", model.compile" if compile_encoder else "") + (", dense lookup gradient" if dense_lookup else ""))
         results["details"]["mfu_other_settings"][label] = {
             "mfu": round(figures["flops"] / figures["seconds"] / peak_bf16, 3),
             "sequences_per_s": round(figures["sequences"] / figures["seconds"], 1),
