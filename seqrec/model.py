@@ -192,8 +192,9 @@ def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[
     mlm.resize_token_embeddings(first_item_token + num_items, mean_resizing=False)
     # The table's gradient is dense anyway (full-catalogue scores reach every item row), so on
     # CPU the lookup's few rows are added into it sparsely: a dense lookup gradient costs a
-    # zero-filled table and a table-sized add each step (~10% of memory traffic on Beauty). On
-    # GPUs that is negligible, and the sparse backward's pad filtering would sync the host.
+    # zero-filled table and a table-sized add each step, memory-bound passes that CPUs pay in
+    # full (bench/efficiency.py's `d` settings measure the difference). On GPUs they are
+    # negligible, and the sparse backward's pad filtering would sync the host.
     mlm.get_input_embeddings().sparse = torch.device(device).type == "cpu"
     vocab = ItemVocabulary(num_items, first_item_token, tokenizer.pad_token_id, tokenizer.mask_token_id)
     report = _init_item_embeddings(mlm, tokenizer, vocab, base_embeddings[:base_vocab], config, titles)
