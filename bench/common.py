@@ -77,7 +77,8 @@ EFFICIENCY_HEADLINES = ("vs_naive_ratio", "vs_recbole_ratio", "vs_recbole_time_t
                         "eval_users_per_s_ratio", "reader_over_step_ratio")
 
 
-CPU_RUN_KEYS = ("vs_naive_ratio", "mfu_cpu", "eval_users_per_s_ratio", "reader_over_step_ratio", "details", "machine", "versions", "code", "command")
+CPU_RATIOS = ("vs_naive_ratio", "mfu_cpu", "eval_users_per_s_ratio", "reader_over_step_ratio")
+CPU_RUN_KEYS = (*CPU_RATIOS, "details", "machine", "versions", "code", "command")
 
 
 def update_efficiency(results: dict, provenance: dict) -> dict:
@@ -101,9 +102,10 @@ def update_efficiency(results: dict, provenance: dict) -> dict:
                   ("epoch time RecBole / seqrec", str(payload["epoch_time_ratio_recbole_over_seqrec"]))]
     table += [(key, str(value)) for key, value in payload.get("details", {}).items()]
     for other, run in payload.get("other_cpus", {}).items():
-        table += [(f"{other}: {key}", str(run[key])) for key in CPU_RUN_KEYS[:4] if key in run]
-        table += [(f"{other}: step s, sequences/s, peak bf16 GFLOP/s", str(tuple(run["details"].get(key) for key in (
-            "seqrec_step_s", "seqrec_sequences_per_s", "peak_bf16_gflop_per_s"))))] if "details" in run else []
+        details = run.get("details", {})
+        table += [(f"{other}: {key}", str(run[key])) for key in CPU_RATIOS if key in run]
+        table += [(f"{other}: step s, sequences/s, peak bf16 GFLOP/s",
+                   str(tuple(details.get(key) for key in ("seqrec_step_s", "seqrec_sequences_per_s", "peak_bf16_gflop_per_s"))))]
         table += [(f"{other}: code", str(run.get("code")))]
     gpu = payload.get("gpu")
     if gpu:

@@ -334,8 +334,9 @@ def main() -> None:
         name, _, shape = spec.rpartition(":")
         name = name or "beauty"
         dense_lookup = shape.endswith("d")
-        compile_encoder = shape.removesuffix("d").endswith("c")
-        batch_size, keep_layers = (int(part) for part in shape.removesuffix("d").removesuffix("c").split("x"))
+        shape = shape.removesuffix("d")
+        compile_encoder = shape.endswith("c")
+        batch_size, keep_layers = (int(part) for part in shape.removesuffix("c").split("x"))
         figures = seqrec_step_figures(batch_size, keep_layers, compile_encoder, name, dense_lookup_gradient=dense_lookup)
         label = (("" if name == "beauty" else f"{name}, ") + f"batch {batch_size}, {keep_layers} layers"
                  + (", model.compile" if compile_encoder else "") + (", dense lookup gradient" if dense_lookup else ""))
