@@ -102,11 +102,22 @@ class SeqRecModel(nn.Module):
         Training and evaluation both come through here, so engines that act at module boundaries
         (ZeRO-3 gathers parameters in forward hooks) see every parameter use.
         """
+        scoring_table = None if labels is None else self._scoring_table()
         hidden = self.encode(items)
         gathered = hidden.reshape(-1, hidden.shape[-1])[positions]
         if labels is None:
             return self.item_scores(gathered)
-        return self.item_losses(gathered, labels)
+        return self.item_losses(gathered, labels, scoring_table)
+
+    def _scoring_table(self) -> torch.Tensor:
+        """The tied table as the scoring reads it. With a sparse lookup gradient (CPU), an alias
+        made before the lookup: autograd runs backward nodes newest first, so the alias hands
+        the scores' dense table gradient on only after the lookup's sparse one has arrived, and
+        the dense one then takes the sparse rows in place. In the other order PyTorch adds them
+        out of place, a copy of the whole table each step. (A plain view would not do: the
+        gradient it passes on shares storage with its base, which rules out the in-place add.)"""
+        table = self.mlm.get_input_embeddings().weight
+        return _Alias.apply(table) if self.mlm.get_input_embeddings().sparse else table
 
     def compile_encoder(self) -> None:
         """torch.compile each encoder layer in place (parameter names unchanged, so checkpoints and
@@ -138,10 +149,11 @@ class SeqRecModel(nn.Module):
         transformed = head.transform(hidden)
         return F.linear(transformed, self.item_embeddings(), head.bias[self.vocab.item_rows])
 
-    def item_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy over the full item set of gathered hidden rows [M, hidden], labels 1..N."""
+    def item_losses(self, hidden: torch.Tensor, labels: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy over the full item set of gathered hidden rows [M, hidden], labels 1..N;
+        `table` is the token-embedding table or an alias of it."""
         head = self.mlm.cls.predictions
-        table = self.mlm.get_input_embeddings().weight
+        table = self.mlm.get_input_embeddings().weight if table is None else table
         return catalog_cross_entropy(head.transform(hidden), table, head.bias, self.vocab.item_rows, labels - 1)
 
     def save_pretrained(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None, max_len: int | None = None) -> None:
@@ -160,6 +172,18 @@ class SeqRecModel(nn.Module):
             "positions": self.positions,
             "max_len": max_len or self.max_positions,
         }, indent=2) + "\n")
+
+
+class _Alias(torch.autograd.Function):
+    """The same tensor as its own autograd node, which passes the gradient on untouched."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
 def pretrained_directory(spec: str) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from seqrec.config import ModelConfig, ScratchBertConfig
 from seqrec.losses import causal_next_item_loss, masked_item_loss
@@ -58,7 +59,7 @@ def test_only_masked_positions_are_scored_and_the_vocabulary_head_never_runs():
     batch = mask_items(items, 0.3, torch.Generator().manual_seed(3))
     shapes = []
     original = model.item_losses
-    model.item_losses = lambda hidden, labels: (shapes.append(tuple(hidden.shape)), original(hidden, labels))[1]
+    model.item_losses = lambda hidden, labels, *table: (shapes.append(tuple(hidden.shape)), original(hidden, labels, *table))[1]
     handle = model.mlm.cls.predictions.decoder.register_forward_hook(lambda *_: pytest.fail("full-vocabulary decoder ran"))
     try:
         parts = masked_item_loss(model, batch, 1.0, 1.0)
@@ -81,8 +82,9 @@ def test_gradients_reach_item_embeddings_and_encoder():
 
 @pytest.mark.parametrize("attention", ["bidirectional", "causal"])
 def test_sparse_lookup_gradient_on_cpu_equals_the_dense_one(attention):
-    """On CPU the lookup adds its rows into the table's (dense) gradient sparsely: the same
-    gradient as a dense lookup's, and still dense, as fused AdamW and ZeRO need."""
+    """On CPU the lookup adds its rows into the table's (dense) gradient sparsely and in place:
+    the same gradient as a dense lookup's, still dense, as fused AdamW and ZeRO need, and no
+    table-sized out-of-place add (a copy of the whole table) in the backward pass."""
     items, _ = _items()
     gradients = {}
     for sparse in (True, False):
@@ -94,8 +96,13 @@ def test_sparse_lookup_gradient_on_cpu_equals_the_dense_one(attention):
             parts = causal_next_item_loss(model, items)
         else:
             parts = masked_item_loss(model, mask_items(items, 0.3, torch.Generator().manual_seed(4)), 1.0, 1.0)
-        parts.total.backward()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as backward:
+            parts.total.backward()
         gradients[sparse] = table.weight.grad
+        table_adds = [event.name for event in backward.events()
+                      if event.name in ("aten::add", "aten::add_") and event.input_shapes and event.input_shapes[0] == list(table.weight.shape)
+                      and event.cpu_parent is not None and event.cpu_parent.name.startswith("autograd::engine::evaluate_function")]
+        assert table_adds == ["aten::add_"], table_adds
     assert gradients[True].layout == torch.strided
     torch.testing.assert_close(gradients[True], gradients[False])
     # The lookup's own share is in it: the [MASK] row is only ever looked up, never scored.
