@@ -44,9 +44,12 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(dtype, device, seconds: float = 2.0) -> float:
+def matmul_peak(dtype, device, seconds: float = 2.0, windows: int = 4) -> float:
     """Dense square matmul FLOP/s in `dtype`: 2048 on a CPU, 8192 on a GPU (large enough to
-    saturate its tensor cores; random data, as the model's are)."""
+    saturate its tensor cores; random data, as the model's are). The best of `windows` equal
+    windows: on shared CPUs the rate swings within seconds (an AMX Xeon of this pool gave
+    657 to 1,773 GFLOP/s in consecutive 1 s windows), and MFU is meant against what the
+    hardware can do, not against a moment of contention."""
     import torch
 
     size = 8192 if device.type == "cuda" else 2048
@@ -54,13 +57,16 @@ def matmul_peak(dtype, device, seconds: float = 2.0) -> float:
     for _ in range(3):
         a @ b
     synchronize(device)
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        for _ in range(10 if device.type == "cuda" else 1):
-            a @ b
-            count += 1
-        synchronize(device)
-    return 2 * size**3 * count / (time.perf_counter() - started)
+    best = 0.0
+    for _ in range(windows):
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds / windows:
+            for _ in range(10 if device.type == "cuda" else 1):
+                a @ b
+                count += 1
+            synchronize(device)
+        best = max(best, 2 * size**3 * count / (time.perf_counter() - started))
+    return best
 
 
 def copy_bandwidth(device, megabytes: int = 256, seconds: float = 1.0) -> float:
@@ -212,7 +218,9 @@ def main() -> None:
                 "length": length, "scored": scored, "items_share": items_share,
                 "flops": step_flops(model.mlm.config, tokens, length, scored, source.num_items)}
 
-    peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16, device), matmul_peak(torch.float32, device)
+    # Sampled again after every measured setting; every MFU is against the best sample of the run.
+    peak_bf16_samples = [matmul_peak(torch.bfloat16, device)]
+    peak_fp32 = matmul_peak(torch.float32, device)
     bandwidth = copy_bandwidth(device)
 
     main_setting = seqrec_step_figures(args.batch, args.keep_layers, profile=args.profile)
@@ -220,6 +228,7 @@ def main() -> None:
     seqrec_step, flops = main_setting["seconds"], main_setting["flops"]
     sequences, length, scored = main_setting["sequences"], main_setting["length"], main_setting["scored"]
     del main_setting
+    peak_bf16_samples.append(matmul_peak(torch.bfloat16, device))
 
     # naive: full-vocabulary logits everywhere, Python-loop tail gather, default AdamW.
     torch.manual_seed(0)
@@ -296,9 +305,10 @@ def main() -> None:
     reader_batches_per_s = read_batches / (time.perf_counter() - started)
 
     achieved = flops / seqrec_step
+    mfu_key = "mfu_gpu" if on_gpu else "mfu_cpu"
     results = {
         "vs_naive_ratio": round(naive_seconds / seqrec_step, 2),
-        "mfu_gpu" if on_gpu else "mfu_cpu": round(achieved / peak_bf16, 3),
+        mfu_key: None,  # set by publish(), against the best peak sample so far
         "eval_users_per_s_ratio": round(fast_users_per_s / naive_users_per_s, 2),
         "reader_over_step_ratio": round(reader_batches_per_s * seqrec_step, 2),
         "details": {
@@ -308,7 +318,7 @@ def main() -> None:
             "seqrec_step_s": round(seqrec_step, 4), "naive_step_s": round(naive_seconds, 4),
             "seqrec_sequences_per_s": round(sequences / seqrec_step, 1), "naive_sequences_per_s": round(sequences / naive_seconds, 1),
             "model_gflop_per_step": round(flops / 1e9, 2), "achieved_gflop_per_s": round(achieved / 1e9, 1),
-            "peak_bf16_gflop_per_s": round(peak_bf16 / 1e9, 1), "peak_fp32_gflop_per_s": round(peak_fp32 / 1e9, 1),
+            "peak_bf16_gflop_per_s": None, "peak_bf16_samples_gflop_per_s": None, "peak_fp32_gflop_per_s": round(peak_fp32 / 1e9, 1),
             "mfu_vs_fp32_peak": round(achieved / peak_fp32, 3),
             "mfu_other_settings": {},
             "copy_bandwidth_gb_per_s": round(bandwidth / 1e9, 1), "host_memory_kept": host_memory_kept,
@@ -322,6 +332,13 @@ def main() -> None:
     provenance = {"machine": machine(), "versions": versions(), "code": code_version(), "command": "python bench/efficiency.py " + " ".join(sys.argv[1:])}
 
     def publish() -> None:
+        peak_bf16 = max(peak_bf16_samples)
+        details = results["details"]
+        results[mfu_key] = round(achieved / peak_bf16, 3)
+        details["peak_bf16_gflop_per_s"] = round(peak_bf16 / 1e9, 1)
+        details["peak_bf16_samples_gflop_per_s"] = [round(sample / 1e9, 1) for sample in peak_bf16_samples]
+        for setting in details["mfu_other_settings"].values():
+            setting["mfu"] = round(setting["model_gflop_per_step"] / setting["step_s"] / details["peak_bf16_gflop_per_s"], 3)
         if args.quick:
             print(json.dumps(results, indent=2))
         elif on_gpu:
@@ -340,8 +357,9 @@ def main() -> None:
         figures = seqrec_step_figures(batch_size, keep_layers, compile_encoder, name, dense_lookup_gradient=dense_lookup)
         label = (("" if name == "beauty" else f"{name}, ") + f"batch {batch_size}, {keep_layers} layers"
                  + (", model.compile" if compile_encoder else "") + (", dense lookup gradient" if dense_lookup else ""))
+        peak_bf16_samples.append(matmul_peak(torch.bfloat16, device))
         results["details"]["mfu_other_settings"][label] = {
-            "mfu": round(figures["flops"] / figures["seconds"] / peak_bf16, 3),
+            "mfu": None,  # set by publish()
             "sequences_per_s": round(figures["sequences"] / figures["seconds"], 1),
             "model_gflop_per_step": round(figures["flops"] / 1e9, 2), "step_s": round(figures["seconds"], 4),
             "mean_padded_length": round(figures["length"], 1), "non_pad_token_share": round(figures["items_share"], 3),
