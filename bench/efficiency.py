@@ -351,7 +351,7 @@ def main() -> None:
         details["peak_bf16_gflop_per_s"] = round(peak_bf16 / 1e9, 1)
         details["peak_bf16_samples_gflop_per_s"] = [round(sample / 1e9, 1) for sample in peak_bf16_samples]
         for setting in details["mfu_other_settings"].values():
-            setting["mfu"] = round(setting["model_gflop_per_step"] / setting["step_s"] / details["peak_bf16_gflop_per_s"], 3)
+            setting["mfu"] = round(setting["model_gflop_per_step"] * 1e9 / setting["step_s"] / peak_bf16, 3)
         if args.quick:
             print(json.dumps(results, indent=2))
         elif on_gpu:

@@ -67,7 +67,7 @@ class _CatalogCrossEntropy(torch.autograd.Function):
         scale = grad_losses.float().unsqueeze(1)
         with torch.autocast(features.device.type, enabled=False):
             rows = torch.arange(probabilities.shape[0], device=probabilities.device)
-            residual = probabilities.index_put_((rows, labels), torch.ones((), dtype=probabilities.dtype, device=probabilities.device).neg().expand_as(rows), accumulate=True)
+            residual = probabilities.index_put_((rows, labels), probabilities.new_full((), -1.0), accumulate=True)
             grad_hidden = grad_table = grad_bias = None
             if ctx.needs_input_grad[0]:
                 grad_hidden = ((residual @ weight).float() * scale).to(hidden_dtype)

@@ -149,11 +149,10 @@ class SeqRecModel(nn.Module):
         transformed = head.transform(hidden)
         return F.linear(transformed, self.item_embeddings(), head.bias[self.vocab.item_rows])
 
-    def item_losses(self, hidden: torch.Tensor, labels: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+    def item_losses(self, hidden: torch.Tensor, labels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over the full item set of gathered hidden rows [M, hidden], labels 1..N;
-        `table` is the token-embedding table or an alias of it."""
+        `table` is the token-embedding table or an alias of it (`_scoring_table`)."""
         head = self.mlm.cls.predictions
-        table = self.mlm.get_input_embeddings().weight if table is None else table
         return catalog_cross_entropy(head.transform(hidden), table, head.bias, self.vocab.item_rows, labels - 1)
 
     def save_pretrained(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None, max_len: int | None = None) -> None:

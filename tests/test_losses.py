@@ -59,7 +59,7 @@ def test_only_masked_positions_are_scored_and_the_vocabulary_head_never_runs():
     batch = mask_items(items, 0.3, torch.Generator().manual_seed(3))
     shapes = []
     original = model.item_losses
-    model.item_losses = lambda hidden, labels, *table: (shapes.append(tuple(hidden.shape)), original(hidden, labels, *table))[1]
+    model.item_losses = lambda hidden, labels, table: (shapes.append(tuple(hidden.shape)), original(hidden, labels, table))[1]
     handle = model.mlm.cls.predictions.decoder.register_forward_hook(lambda *_: pytest.fail("full-vocabulary decoder ran"))
     try:
         parts = masked_item_loss(model, batch, 1.0, 1.0)
