@@ -48,13 +48,17 @@ def _parser() -> argparse.ArgumentParser:
     synth.set_defaults(run=_run_synth)
 
     prepare = commands.add_parser("prepare", help="turn an interaction log into WebDataset shards and eval data")
-    prepare.add_argument("source", type=Path, help="interaction log")
+    prepare.add_argument("source", type=Path, help="interaction log, optionally compressed (.gz .bz2 .xz .zst .lz4, one-file .zip)")
     prepare.add_argument("--out", type=Path, help="output directory (default shards/<name of the source>)")
-    prepare.add_argument("--format", choices=("pairs", "lines", "movielens", "csv", "tsv", "parquet"), help="default: detected")
-    prepare.add_argument("--user-col", help="csv/tsv/parquet: user column (default: a common name such as user_id)")
-    prepare.add_argument("--item-col", help="csv/tsv/parquet: item column (default: a common name such as item_id)")
-    prepare.add_argument("--time-col", help="csv/tsv/parquet: time column (default: timestamp if present, else file order)")
+    prepare.add_argument("--format", choices=("pairs", "lines", "movielens", "csv", "tsv", "jsonl", "parquet"), help="default: detected")
+    prepare.add_argument("--user-col", help="csv/tsv/jsonl/parquet: user column (default: a common name such as user_id)")
+    prepare.add_argument("--item-col", help="csv/tsv/jsonl/parquet: item column (default: a common name such as item_id)")
+    prepare.add_argument("--time-col", help="csv/tsv/jsonl/parquet: time column (default: timestamp if present, else file order)")
     prepare.add_argument("--sep", help="csv/tsv: one-character separator")
+    prepare.add_argument(
+        "--columns",
+        help="csv/tsv without a header line: its column names, comma-separated, e.g. user_id,item_id,rating,timestamp",
+    )
     prepare.add_argument("--titles", type=Path, help="item titles: u.item, movies.dat or 'item_id<TAB>title'")
     prepare.add_argument("--item-map", type=Path, help="'log_id original_id' lines mapping log item ids to the titles file's ids")
     prepare.add_argument("--dedup-consecutive", action="store_true", help="drop an item repeated right after itself")
@@ -125,7 +129,9 @@ def _run_prepare(args: argparse.Namespace) -> None:
         source=args.source,
         out=args.out or default_output(args.source),
         format=args.format,
-        columns=ColumnSpec(user=args.user_col, item=args.item_col, time=args.time_col, separator=args.sep),
+        columns=ColumnSpec(
+            user=args.user_col, item=args.item_col, time=args.time_col, separator=args.sep, names=_column_names(args.columns)
+        ),
         titles=args.titles,
         item_map=args.item_map,
         filters=FilterOptions(
@@ -227,8 +233,20 @@ def _run_recommend(args: argparse.Namespace) -> None:
     print(f"wrote {len(rows)} recommendation lists to {args.output}")
 
 
+def _column_names(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names) or len(set(names)) != len(names):
+        raise SeqrecError(f"--columns {text!r}: expected distinct, non-empty names separated by commas")
+    return names
+
+
 def default_output(source: Path) -> Path:
-    name = source.parent.name if source.stem in _GENERIC_STEMS and source.parent.name else source.stem
+    from seqrec.data.inputs import compression_of
+
+    stem = (source.with_suffix("") if compression_of(source) else source).stem
+    name = source.parent.name if stem in _GENERIC_STEMS and source.parent.name else stem
     return Path("shards") / name
 
 

@@ -9,6 +9,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+def _gzip(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, mtime=0)
+
+
+def _zip(members: dict[str, str]) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, text in members.items():
+            archive.writestr(name, text)
+    return buffer.getvalue()
+
+
+_GZIP_LOG = _gzip(b"".join(b"%d %d\n" % (user, item) for user in range(200) for item in range(50)))
+
 CASES = {
     "pairs_malformed_row": ("log.txt", "1 2\n1 3\n1 4 5 6\n", ["--format", "pairs"], [":3:", "malformed row", "expected 2 fields"]),
     "pairs_non_integer_id": ("log.txt", "1 2\n1 3\n1 x7\n", [], [":3:", "item id 'x7' is not an integer"]),
@@ -25,6 +44,20 @@ CASES = {
     "only_blank_lines": ("log.txt", "\n\n  \n", [], ["no data lines"]),
     "header_only_csv": ("log.csv", "user_id,item_id\n", [], ["no interactions"]),
     "invalid_utf8": ("log.txt", b"1 2\n1 \xff\n", ["--format", "pairs"], [":2:", "UTF-8"]),
+    "gzip_truncated": ("log.txt.gz", _GZIP_LOG[: len(_GZIP_LOG) // 2], ["--format", "pairs"], ["compressed data is truncated or corrupt"]),
+    "gzip_not_gzip": ("log.txt.gz", b"1 2\n1 3\n", [], ["compressed data is truncated or corrupt"]),
+    "gzip_pairs_bad_row": ("log.txt.gz", _gzip(b"1 2\n1 3\n1 x\n"), [], [":3:", "item id 'x' is not an integer"]),
+    "zip_two_files": ("log.zip", _zip({"a.txt": "1 2\n", "b.txt": "1 3\n"}), [], ["exactly one file", "a.txt", "b.txt"]),
+    "zip_not_a_zip": ("log.zip", b"1 2\n", [], ["not a readable zip archive"]),
+    "jsonl_bad_json": ("log.jsonl", '{"user_id": "a", "item_id": "b"}\n\n{"user_id": "a", item}\n', [], [":3:", "not valid JSON"]),
+    "jsonl_not_an_object": ("log.jsonl", '{"user_id": "a", "item_id": "b"}\n["a", "c"]\n', [], [":2:", "one JSON object per line"]),
+    "jsonl_missing_field": ("log.jsonl", '{"user_id": "a", "item_id": "b"}\n{"user_id": "a"}\n', [], [":2:", "missing or null 'item_id'"]),
+    "jsonl_id_changes_type": ("log.jsonl", '{"user_id": "a", "item_id": "b"}\n{"user_id": "a", "item_id": 7}\n', [], [":2:", "'item_id' is 7"]),
+    "jsonl_nested_id": ("log.jsonl", '{"user_id": {"id": 1}, "item_id": "b"}\n', [], [":1:", "'user_id'", "not an id"]),
+    "headerless_wrong_field_count": ("log.csv", "a,x,1\na,y\n", ["--columns", "user,item,timestamp"], [":2:", "expected 3 fields like --columns"]),
+    "headerless_empty_user": ("log.csv", "a,x,1\n\n,y,2\n", ["--columns", "user,item,timestamp"], [":3:", "'user'"]),
+    "columns_for_json_lines": ("log.jsonl", '{"user_id": "a", "item_id": "b"}\n', ["--columns", "u,i"], ["--columns", "csv/tsv without a header"]),
+    "jsonl_parquet_inside_gzip": ("log.parquet.gz", _gzip(b"PAR1"), [], ["Parquet", "unpacked"]),
 }
 
 
@@ -85,6 +118,8 @@ def test_bad_titles_file_names_its_line(cli, tmp_path):
         (["--shard-size", "0"], "shard_size must be an integer >= 1"),
         (["--min-user-interactions", "0"], "min_user_interactions must be an integer >= 1"),
         (["--item-map", "m.txt"], "item_map only maps ids for a titles file"),
+        (["--columns", "user,,item"], "expected distinct, non-empty names"),
+        (["--columns", "user,item,user"], "expected distinct, non-empty names"),
     ],
 )
 def test_bad_option_values(cli, tmp_path, flags, message):

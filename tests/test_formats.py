@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from seqrec.data.formats import ColumnSpec, detect_format, factorize, read_log
+from seqrec.data.formats import FORMATS, ColumnSpec, detect_format, factorize, read_log
 from seqrec.errors import InputError
 
 
@@ -106,3 +106,125 @@ def test_factorize_dense_and_sparse_integer_ids_agree_with_unique():
         uniques, inverse = np.unique(values, return_inverse=True)
         assert ids.tolist() == uniques.tolist()
         assert codes.tolist() == inverse.tolist()
+
+
+def _write_compressed(path, data: bytes, suffix: str):
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    target = path.with_name(path.name + suffix)
+    if suffix == ".gz":
+        target.write_bytes(gzip.compress(data))
+    elif suffix == ".bz2":
+        target.write_bytes(bz2.compress(data))
+    elif suffix == ".xz":
+        target.write_bytes(lzma.compress(data))
+    elif suffix == ".zip":
+        target = path.with_suffix(".zip")
+        with zipfile.ZipFile(target, "w") as archive:
+            archive.writestr("release/", "")  # folders and hidden files do not count as members
+            archive.writestr("release/.DS_Store", "x")
+            archive.writestr(f"release/{path.name}", data)
+    else:
+        with pa.output_stream(str(target), compression={".zst": "zstd", ".lz4": "lz4"}[suffix]) as stream:
+            stream.write(data)
+    return target
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip"])
+@pytest.mark.parametrize(("name", "text"), [
+    ("log.txt", "1 10\n1 12\n2 10\n2 11\n"),
+    ("ratings.csv", "user_id,item_id,timestamp\nalice,B00X,5\nbob,12,3\nalice,12,7\n"),
+    ("u.data", "1\t5\t3\t300\n1\t6\t4\t100\n"),
+])
+def test_compressed_input_reads_like_the_plain_file(tmp_path, suffix, name, text):
+    plain = tmp_path / name
+    plain.write_text(text)
+    packed = _write_compressed(plain, text.encode(), suffix)
+    expected, got = read_log(plain), read_log(packed)
+    assert got.format == expected.format
+    for which in ("user", "item"):
+        assert _ids(got, which) == _ids(expected, which)
+    assert (got.timestamps is None) == (expected.timestamps is None)
+    if expected.timestamps is not None:
+        assert got.timestamps.tolist() == expected.timestamps.tolist()
+
+
+def test_json_lines_take_the_review_fields_and_ignore_nested_ones(tmp_path):
+    """Amazon 2014 reviews: fields like `style` change shape between records; only the chosen
+    three are converted."""
+    import json
+
+    records = [
+        {"reviewerID": "A1", "asin": "B01", "overall": 5.0, "unixReviewTime": 300, "style": {"Size:": "L"}, "helpful": [0, 0]},
+        {"reviewerID": "A1", "asin": "0618", "unixReviewTime": 100, "style": "plain", "reviewText": "ok"},
+        {"reviewerID": "A2", "asin": "B01", "unixReviewTime": 200, "image": ["u1", "u2"]},
+    ]
+    path = tmp_path / "reviews_Beauty_5.json"
+    path.write_text(json.dumps(records[0]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in records[1:]))
+    log = read_log(path)
+    assert log.format == "jsonl"
+    assert _ids(log, "user") == ["A1", "A1", "A2"]
+    assert _ids(log, "item") == ["B01", "0618", "B01"]  # digit-only asins stay strings
+    assert log.timestamps.tolist() == [300, 100, 200]
+
+
+def test_json_lines_prefer_parent_asin_and_accept_integer_ids_and_iso_times(tmp_path):
+    import json
+
+    amazon_2023 = tmp_path / "Beauty.jsonl"
+    amazon_2023.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"user_id": "U1", "asin": "v1", "parent_asin": "P1", "timestamp": 1_700_000_000_000},
+        {"user_id": "U1", "asin": "v2", "parent_asin": "P1", "timestamp": 1_700_000_000_500},
+    ]))
+    log = read_log(amazon_2023)
+    assert _ids(log, "item") == ["P1", "P1"]
+    assert log.timestamps.tolist() == [1_700_000_000_000, 1_700_000_000_500]
+
+    events = tmp_path / "events.ndjson"
+    events.write_text('{"uid": 3, "iid": 40, "when": "2020-01-02T00:00:00"}\n{"uid": 3, "iid": 41, "when": "2020-01-01"}\n')
+    log = read_log(events, columns=ColumnSpec(time="when"))
+    assert _ids(log, "user") == [3, 3] and _ids(log, "item") == [40, 41]
+    assert log.timestamps[0] > log.timestamps[1]
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("ratings.csv.gz", "shards/amazon"), ("reviews_Beauty_5.json.gz", "shards/reviews_Beauty_5"),
+    ("Musical_Instruments.zip", "shards/Musical_Instruments"), ("u.data.xz", "shards/amazon"), ("beauty.txt", "shards/beauty"),
+])
+def test_default_output_names_the_content_not_the_compression(name, expected, tmp_path):
+    from seqrec.cli import default_output
+
+    assert str(default_output(tmp_path / "amazon" / name)) == expected
+
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_command_line_accepts_every_format(cli, tmp_path, fmt):
+    result = cli("prepare", tmp_path / "absent", "--format", fmt, "--out", tmp_path / "out")
+    assert result.code == 2 and "absent: file not found" in result.err, result.err
+
+
+def test_headerless_csv_reads_with_named_columns(tmp_path):
+    """Amazon's ratings-only files (`ratings_Beauty.csv`) have no header line."""
+    path = tmp_path / "ratings_Beauty.csv"
+    path.write_text("A1,0205616461,5.0,1369699200\nA1,B001,3.0,1369600000\nA2,B001,4.0,1369699200\n")
+    with pytest.raises(InputError, match="--columns"):
+        read_log(path)
+    log = read_log(path, columns=ColumnSpec(names=("user", "item", "rating", "timestamp")))
+    assert _ids(log, "user") == ["A1", "A1", "A2"]
+    assert _ids(log, "item") == ["0205616461", "B001", "B001"]
+    assert log.timestamps.tolist() == [1369699200, 1369600000, 1369699200]
+
+
+def test_prepared_recipe_without_column_names_is_unchanged():
+    """Datasets prepared before headerless files were read keep their fingerprint (no rebuild asked)."""
+    from pathlib import Path
+
+    from seqrec.data.prepare import PrepareOptions
+
+    assert set(PrepareOptions(Path("log"), Path("out")).recipe()["columns"]) == {"user", "item", "time", "separator"}
+    named = PrepareOptions(Path("log"), Path("out"), columns=ColumnSpec(names=("user", "item"))).recipe()
+    assert named["columns"]["names"] == ("user", "item")

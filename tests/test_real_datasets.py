@@ -62,6 +62,18 @@ def test_amazon_musical_instruments_generic_columns_with_string_ids(cli, tmp_pat
     assert all(user.startswith("A") for user in dataset.user_ids())
 
 
+def test_raw_amazon_reviews_zip_prepares_like_its_derived_ratings(cli, tmp_path):
+    """The raw 2014 release (a zip of JSON lines: reviewerID, asin, unixReviewTime, nested fields
+    that change shape) splits exactly like ratings.tsv, which was derived from it in file order."""
+    raw = _prepare(cli, tmp_path / "raw", require_data("amazon-musical-instruments/Musical_Instruments.zip"))
+    derived = _prepare(cli, tmp_path / "derived", require_data("amazon-musical-instruments/ratings.tsv"))
+    assert raw.meta["source"]["format"] == "jsonl"
+    assert raw.meta["counts"] == derived.meta["counts"]
+    assert raw.items() == derived.items() and raw.user_ids() == derived.user_ids()
+    for split in ("valid", "test"):
+        assert (tmp_path / "raw/out" / f"{split}.npz").read_bytes() == (tmp_path / "derived/out" / f"{split}.npz").read_bytes()
+
+
 @pytest.mark.parametrize(("path", "counts"), [("s3rec/LastFM.txt", (1_090, 3_646, 52_551)), ("s3rec/Toys_and_Games.txt", (19_412, 11_924, 167_597))])
 def test_s3rec_lines(cli, tmp_path, path, counts):
     dataset = _prepare(cli, tmp_path, require_data(path))

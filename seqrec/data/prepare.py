@@ -57,7 +57,9 @@ class PrepareOptions:
         """Everything besides the input bytes that decides the output."""
         return {
             "format": self.format,
-            "columns": asdict(self.columns),
+            # Without `names` the recipe stays what it was before headerless files were read, so
+            # datasets prepared then are still up to date.
+            "columns": {key: value for key, value in asdict(self.columns).items() if not (key == "names" and value is None)},
             "filters": asdict(self.filters),
             "short_users": self.short_users,
             "shard_size": self.shard_size,

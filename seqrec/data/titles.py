@@ -2,22 +2,27 @@
 through an id map (e.g. SASRec's `sas_to_original_items.txt`: `id_in_log original_id`).
 
 These files have one line per item, never per interaction, so plain Python is fine here.
+They may be compressed like the logs (`seqrec.data.inputs`).
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
 from seqrec.data.formats import check_readable
+from seqrec.data.inputs import compression_of, content_name, open_input
 from seqrec.errors import InputError
 
 
 def read_titles(path: Path) -> dict[str, str]:
     """Original item id -> title."""
     path = check_readable(path)
-    raw = path.read_bytes()
+    with open_input(path) as handle:
+        raw = handle.read()
+    is_u_item = content_name(path) == "u.item"
     # MovieLens side files are latin-1; anything else is expected in UTF-8.
     try:
         text = raw.decode("utf-8")
@@ -29,7 +34,7 @@ def read_titles(path: Path) -> dict[str, str]:
             continue
         if "::" in line:
             fields = line.split("::")
-        elif "|" in line and path.name == "u.item":
+        elif "|" in line and is_u_item:
             fields = line.split("|")
         else:
             fields = line.split("\t")
@@ -43,7 +48,7 @@ def read_item_map(path: Path) -> dict[str, str]:
     """Id in the interaction log -> id used by the titles file."""
     path = check_readable(path)
     mapping: dict[str, str] = {}
-    with open(path, encoding="utf-8") as handle:
+    with open_input(path) as raw, io.TextIOWrapper(raw, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             fields = line.split()
             if not fields:
@@ -64,7 +69,10 @@ def attach_titles(item_ids: np.ndarray, titles: dict[str, str], item_map: dict[s
 
 def sibling_titles_file(source: Path) -> Path | None:
     """MovieLens releases keep titles next to the ratings: u.data -> u.item, ratings.dat -> movies.dat."""
-    candidate = {"u.data": "u.item", "ratings.dat": "movies.dat"}.get(source.name)
-    if candidate and (source.parent / candidate).is_file():
-        return source.parent / candidate
+    candidate = {"u.data": "u.item", "ratings.dat": "movies.dat"}.get(content_name(source))
+    if candidate is None:
+        return None
+    for name in (candidate, candidate + (compression_of(source) or "")):
+        if (source.parent / name).is_file():
+            return source.parent / name
     return None
