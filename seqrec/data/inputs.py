@@ -29,6 +29,8 @@ COMPRESSED_SUFFIXES = (*_ARROW_CODECS, ".xz", ".zip")
 DECOMPRESSION_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error, zipfile.BadZipFile)
 
 _READ_BUFFER = 1 << 20
+# Bytes per block of pyarrow's bulk readers: big blocks parse fastest; a line must fit in one.
+ARROW_BLOCK_SIZE = 16 << 20
 
 
 def compression_of(path: Path) -> str | None:
@@ -92,6 +94,17 @@ def read_head(path: Path, size: int = 1 << 16) -> bytes:
     """The first `size` bytes of the content; a corrupt stream past the first bytes is left to the reader."""
     with open_input(path) as handle:
         return handle.read(size)
+
+
+def first_undecodable_line(path: Path) -> int | None:
+    """Error path only: the 1-based number of the first line that is not UTF-8."""
+    with open_input(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return None
 
 
 def _zip_member(path: Path, archive: zipfile.ZipFile | None = None) -> zipfile.ZipInfo:
