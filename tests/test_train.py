@@ -76,6 +76,16 @@ def test_max_steps_and_early_stopping_bound_the_run(small_dataset, tmp_path, cap
     assert [row["step"] for row in read_history(tmp_path / "run") if "loss" in row] == [1, 2, 3]
 
 
+def test_not_learned_hint_names_the_likely_cause():
+    from seqrec.train import LoopState, not_learned_hint
+
+    rising, peaked = LoopState(epoch=2, best_epoch=1, stale=0), LoopState(epoch=9, best_epoch=3, stale=5)
+    assert "deep encoder wants a lower rate" in not_learned_hint(6, 1e-3, rising)
+    assert "train longer" in not_learned_hint(6, 2e-4, rising)
+    assert "train longer" in not_learned_hint(2, 1e-3, rising)  # 2 layers train at 1e-3 (configs/demo.yaml)
+    assert "peaked at epoch 3 of 9" in not_learned_hint(2, 1e-3, peaked)
+
+
 def test_gradient_accumulation_takes_one_optimiser_step_per_global_batch(small_dataset, tmp_path):
     overrides = ("train.batch_size=32", "train.micro_batch_size=8", "train.max_steps=3", "train.log_every=1")
     result = run(_config(small_dataset, tmp_path / "run", *overrides))
