@@ -98,7 +98,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from seqrec.config import EvalConfig, load_config
     from seqrec.data.prepared import PreparedDataset
-    from seqrec.train import popularity_baseline, run
+    from seqrec.evaluate import popularity_baseline
+    from seqrec.train import run
 
     root, max_len, published = prepared(args.dataset)
     known_dataset = DATASETS.get(args.dataset, {})
@@ -122,7 +123,8 @@ def main() -> None:
         started = time.perf_counter()
         row_name = f"{recipe} ({args.label})" if args.label else recipe
         if recipe == "popularity":
-            evaluation = popularity_baseline(data, max_len, EvalConfig(batch_size=512))
+            protocol = EvalConfig()
+            evaluation = popularity_baseline(data, max_len, 512, protocol.ks, protocol.exclude_history)
             results.append({"recipe": row_name, **evaluation, "train_seconds": 0.0, "epochs": 0, "config": {}})
             continue
         config = load_config(REPO / "configs" / "demo.yaml", [*common, *recipes(args.keep_layers)[recipe], f"name=quality-{name}-{recipe}"])

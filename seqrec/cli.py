@@ -1,4 +1,4 @@
-"""`seqrec` command line: synth, prepare, inspect, train, export, recommend."""
+"""`seqrec` command line: synth, prepare, inspect, train, export, recommend, evaluate."""
 
 from __future__ import annotations
 
@@ -106,7 +106,20 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--device", default="cpu")
     recommend.set_defaults(run=_run_recommend)
 
-    for command in (synth, prepare, inspect, train, export, recommend):
+    evaluate = commands.add_parser("evaluate", help="an exported model's metrics on a prepared dataset, beside popularity")
+    evaluate.add_argument("--model", type=Path, required=True, help="directory written by `seqrec export` (or a run's model/)")
+    evaluate.add_argument("--dataset", type=Path, required=True, help="the prepared dataset (the model's item catalogue)")
+    evaluate.add_argument("--split", choices=("valid", "test"), default="test")
+    evaluate.add_argument("--ks", default="1,5,10,20", help="cut-offs of HR@K and NDCG@K, comma-separated (default 1,5,10,20)")
+    evaluate.add_argument("--include-history", action="store_true", help="rank items already in the history too")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                          help="as train.precision; training validates in its own (auto: bf16 where native)")
+    evaluate.add_argument("--output", type=Path, help="also write the metrics as JSON here")
+    evaluate.set_defaults(run=_run_evaluate)
+
+    for command in (synth, prepare, inspect, train, export, recommend, evaluate):
         command.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bars")
     return parser
 
@@ -176,6 +189,35 @@ def _run_export(args: argparse.Namespace) -> None:
 
     out = export(args.run_dir, args.out_dir, args.checkpoint, args.force)
     print(f"exported {args.run_dir} to {out}")
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from seqrec.atomic import atomic_file
+    from seqrec.errors import ConfigError
+    from seqrec.evaluate import format_table
+    from seqrec.export_eval import evaluate_export
+
+    try:
+        ks = tuple(int(k) for k in args.ks.split(","))
+    except ValueError:
+        ks = ()
+    if not ks or min(ks) < 1:
+        raise ConfigError(f"--ks: expected integers >= 1 separated by commas, got {args.ks!r}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    result = evaluate_export(
+        args.model, args.dataset, args.split, args.batch_size, ks, not args.include_history, args.device, args.precision
+    )
+    print(f"{args.model} on {args.dataset}, {result.split} split, {result.users} users, full catalogue"
+          f"{'' if args.include_history else ', history excluded'}:")
+    print(format_table({"seqrec": result.model, "popularity": result.popularity}, ks))
+    if args.output is not None:
+        row = {"model": str(args.model), "dataset": str(args.dataset), "split": result.split, "users": result.users,
+               "exclude_history": not args.include_history, "metrics": result.model, "popularity": result.popularity}
+        with atomic_file(args.output) as handle:
+            handle.write(json.dumps(row, indent=2) + "\n")
 
 
 def _run_recommend(args: argparse.Namespace) -> None:

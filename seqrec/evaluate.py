@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 from seqrec import progress
+from seqrec.data.prepared import PreparedDataset
 from seqrec.data.sequences import gather_prefixes, right_pad
 from seqrec.data.split import EvalSet
+from seqrec.data.stream import StreamOptions
 from seqrec.masking import tail_positions
 from seqrec.model import MASK_ITEM, SeqRecModel
 
@@ -111,6 +113,22 @@ def evaluate_popularity(item_counts: np.ndarray, eval_set: EvalSet, batch_size: 
         append_mask=False, exclude_history=exclude_history, device="cpu",
     )
     return metrics_from_ranks(ranks, tuple(ks))
+
+
+def train_item_counts(data: PreparedDataset) -> np.ndarray:
+    """Interactions per item in the training shards (index 0 = padding), for the popularity baseline."""
+    counts = np.zeros(data.num_items + 1, dtype=np.int64)
+    for sample in data.sequences(StreamOptions(max_len=10**9, shuffle_buffer=0)):
+        counts += np.bincount(sample.items, minlength=len(counts))
+    return counts
+
+
+def popularity_baseline(
+    data: PreparedDataset, max_len: int, batch_size: int, ks, exclude_history: bool, splits=("valid", "test")
+) -> dict[str, dict[str, float]]:
+    """Most-popular metrics on the given splits, under the same protocol as the model."""
+    counts = train_item_counts(data)
+    return {split: evaluate_popularity(counts, data.eval_set(split), batch_size, max_len, ks, exclude_history) for split in splits}
 
 
 def format_table(rows: dict[str, dict[str, float]], ks) -> str:

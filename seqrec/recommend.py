@@ -19,7 +19,8 @@ from transformers import AutoModelForMaskedLM
 from seqrec.data.prepared import ITEMS_FILE, read_tsv
 from seqrec.errors import InputError, SeqrecError
 from seqrec.export import read_items_meta
-from seqrec.model import _quiet_transformers, position_ids_for
+from seqrec.masking import tail_positions
+from seqrec.model import MASK_ITEM, _quiet_transformers, position_ids_for
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class Recommendation:
 
 
 class Recommender:
-    def __init__(self, model_dir: Path, device: str = "cpu"):
+    def __init__(self, model_dir: Path, device: str = "cpu", autocast_dtype: torch.dtype | None = None):
         model_dir = Path(model_dir)
         meta = read_items_meta(model_dir)
         if not (model_dir / "model.safetensors").is_file():
@@ -40,6 +41,7 @@ class Recommender:
         with _quiet_transformers():
             self.model = AutoModelForMaskedLM.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
         self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
         self.first_token = int(meta["first_item_token"])
         self.num_items = int(meta["num_items"])
         self.causal = meta.get("attention") == "causal"
@@ -58,20 +60,27 @@ class Recommender:
         return [self.index[item] for item in history if item in self.index]
 
     @torch.no_grad()
+    def scores(self, items: torch.Tensor) -> torch.Tensor:
+        """Scores over the whole catalogue [B, N] (float32) for right-padded rows of 1-based item
+        ids [B, L] (0 = pad), each ending in MASK_ITEM unless the model is causal, as
+        `seqrec.evaluate.history_batches` builds them: the row's last entry is scored."""
+        items = items.to(self.device)
+        tokens = torch.where(items > 0, items + (self.first_token - 1), 0)
+        tokens = torch.where(items == MASK_ITEM, self.mask_token, tokens)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            hidden = self.model.bert(
+                input_ids=tokens, attention_mask=(tokens != 0).long(), position_ids=position_ids_for(self.position_scheme, tokens)
+            ).last_hidden_state
+            gathered = hidden[torch.arange(len(tokens), device=self.device), tail_positions(tokens)]
+            return self.model.cls.predictions(gathered)[:, self.first_token : self.first_token + self.num_items].float()
+
     def recommend(self, histories: list[list[int]], k: int, exclude_history: bool = True) -> list[list[Recommendation]]:
         keep = self.max_len if self.causal else self.max_len - 1
-        rows = [history[-keep:] for history in histories]
-        width = max(1, max(len(row) + (0 if self.causal else 1) for row in rows))
-        tokens = torch.zeros(len(rows), width, dtype=torch.long)
-        positions = torch.zeros(len(rows), dtype=torch.long)
+        rows = [history[-keep:] + ([] if self.causal else [MASK_ITEM]) for history in histories]
+        items = torch.zeros(len(rows), max(1, max(len(row) for row in rows)), dtype=torch.long)
         for index, row in enumerate(rows):
-            ids = [item + self.first_token - 1 for item in row] + ([] if self.causal else [self.mask_token])
-            tokens[index, : len(ids)] = torch.tensor(ids)
-            positions[index] = max(len(ids) - 1, 0)
-        tokens = tokens.to(self.device)
-        hidden = self.model.bert(input_ids=tokens, attention_mask=(tokens != 0).long(), position_ids=position_ids_for(self.position_scheme, tokens)).last_hidden_state
-        gathered = hidden[torch.arange(len(rows), device=self.device), positions.to(self.device)]
-        scores = self.model.cls.predictions(gathered)[:, self.first_token : self.first_token + self.num_items].float()
+            items[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+        scores = self.scores(items)
         if exclude_history:
             for index, history in enumerate(histories):
                 if history:

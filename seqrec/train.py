@@ -18,7 +18,6 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -26,13 +25,13 @@ from safetensors.torch import load_file, save
 
 from seqrec import checkpoint, distributed, progress
 from seqrec.atomic import atomic_file
-from seqrec.config import EvalConfig, JobConfig
+from seqrec.config import JobConfig
 from seqrec.data.prepared import ITEMS_FILE, PreparedDataset
 from seqrec.data.stream import StreamOptions, batches_per_rank, sequence_loader
 from seqrec.distributed import DistInfo
 from seqrec.errors import ConfigError
 from seqrec.engine import BatchPlan, TrainingEngine, plan_batches
-from seqrec.evaluate import evaluate_model, evaluate_popularity, format_table
+from seqrec.evaluate import evaluate_model, format_table, popularity_baseline
 from seqrec.losses import LossParts, MaskedItemObjective
 from seqrec.model import build_model
 from seqrec.optim import planned_total_steps
@@ -84,23 +83,6 @@ def not_learned_hint(layers: int, encoder_lr: float, state: LoopState) -> str:
     if state.stale == 0:
         return f"the last validation, after {state.epoch} epoch(s), was the best yet: train longer (train.epochs)"
     return f"validation peaked at epoch {state.best_epoch} of {state.epoch}: try a lower optim.lr or more data"
-
-
-def train_item_counts(data: PreparedDataset) -> np.ndarray:
-    """Interactions per item in the training shards (index 0 = padding), for the popularity baseline."""
-    counts = np.zeros(data.num_items + 1, dtype=np.int64)
-    for sample in data.sequences(StreamOptions(max_len=10**9, shuffle_buffer=0)):
-        counts += np.bincount(sample.items, minlength=len(counts))
-    return counts
-
-
-def popularity_baseline(data: PreparedDataset, max_len: int, config: EvalConfig) -> dict[str, dict[str, float]]:
-    """Most-popular metrics on the validation and test splits, under the same protocol as the model."""
-    counts = train_item_counts(data)
-    return {
-        split: evaluate_popularity(counts, data.eval_set(split), config.batch_size, max_len, config.ks, config.exclude_history)
-        for split in ("valid", "test")
-    }
 
 
 def optimizer_step(engine: TrainingEngine, items: list[torch.Tensor], draws: list[torch.Tensor], loss_weights: tuple[float, float], world_size: int) -> LossParts:
@@ -383,7 +365,7 @@ class _Trainer:
         weights = self.engine.full_state_dict() if self.engine.zero_stage == 3 else None
         metrics = None
         if info.is_main:
-            popularity = popularity_baseline(self.data, config.data.max_len, config.eval)
+            popularity = popularity_baseline(self.data, config.data.max_len, config.eval.batch_size, config.eval.ks, config.eval.exclude_history)
             beats_popularity = test[EARLY_STOP_METRIC] > popularity["test"][EARLY_STOP_METRIC]
             if not beats_popularity:
                 log.warning(

@@ -126,6 +126,41 @@ def test_recommend_scores_equal_the_training_models(trained_run, titled_dataset)
     assert [rec.score for rec in recs] == pytest.approx(top.values.tolist(), abs=1e-4)
 
 
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_evaluate_on_the_export_reproduces_the_training_models_metrics(trained_run, titled_dataset, tmp_path, cli, split):
+    """The plain HF directory users deploy ranks as the training model does, in the same precision."""
+    from safetensors.torch import load_file
+
+    from seqrec.data.prepared import PreparedDataset
+    from seqrec.evaluate import evaluate_model
+    from seqrec.model import build_model
+
+    out = tmp_path / "export"
+    assert cli("export", trained_run.run_dir, out).code == 0
+    report = tmp_path / "report.json"
+    result = cli("evaluate", "--model", out, "--dataset", titled_dataset, "--split", split, "--output", report)
+    assert result.code == 0, result.err
+    assert "seqrec" in result.out and "popularity" in result.out
+    written = json.loads(report.read_text())
+
+    config = load_config(trained_run.run_dir / "config.yaml")
+    data = PreparedDataset.open(titled_dataset)
+    model, _ = build_model(config.model, data.num_items, config.data.max_len)
+    model.load_state_dict(load_file(str(trained_run.run_dir / "best_weights.safetensors")))
+    expected = evaluate_model(model.eval(), data.eval_set(split), 64, config.data.max_len, config.eval.ks, True, torch.device("cpu"))
+    assert written["metrics"] == pytest.approx(expected, abs=1e-12)
+    trained = json.loads((trained_run.run_dir / "metrics.json").read_text())
+    assert written["popularity"] == pytest.approx(trained["popularity"][split], abs=1e-12)
+
+
+def test_evaluate_refuses_another_catalogue_and_bad_options(trained_run, tiny_dataset, titled_dataset, cli):
+    model = trained_run.run_dir / "model"
+    result = cli("evaluate", "--model", model, "--dataset", tiny_dataset)
+    assert result.code == 2 and "not the item catalogue" in result.err
+    result = cli("evaluate", "--model", model, "--dataset", titled_dataset, "--ks", "10,x")
+    assert result.code == 2 and "--ks" in result.err
+
+
 def test_export_from_a_checkpoint_loads_with_plain_hf(trained_run, tmp_path, cli):
     result = cli("export", trained_run.run_dir, tmp_path / "from-checkpoint", "--checkpoint", "auto")
     assert result.code == 0, result.err
