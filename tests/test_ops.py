@@ -105,18 +105,25 @@ def test_recommend_file_input_writes_jsonl(trained_run, tmp_path, cli):
     assert cli("recommend", "--model", model_dir, "--input", histories, "-k", "4").code == 2
 
 
-def test_recommend_scores_equal_the_training_models(trained_run, titled_dataset):
-    from seqrec.data.prepared import PreparedDataset
-    from seqrec.evaluate import model_scorer
-    from seqrec.model import MASK_ITEM, build_model
-
-    config = load_config(trained_run.run_dir / "config.yaml")
-    data = PreparedDataset.open(titled_dataset)
-    model, _ = build_model(config.model, data.num_items, config.data.max_len)
+def _best_training_model(trained_run, dataset):
+    """The run's best weights in the training model (not the export), with its config and data."""
     from safetensors.torch import load_file
 
+    from seqrec.data.prepared import PreparedDataset
+    from seqrec.model import build_model
+
+    config = load_config(trained_run.run_dir / "config.yaml")
+    data = PreparedDataset.open(dataset)
+    model, _ = build_model(config.model, data.num_items, config.data.max_len)
     model.load_state_dict(load_file(str(trained_run.run_dir / "best_weights.safetensors")))
-    model.eval()
+    return model.eval(), config, data
+
+
+def test_recommend_scores_equal_the_training_models(trained_run, titled_dataset):
+    from seqrec.evaluate import model_scorer
+    from seqrec.model import MASK_ITEM
+
+    model, _, _ = _best_training_model(trained_run, titled_dataset)
     history = [3, 9, 4]
     expected = model_scorer(model, None)(torch.tensor([history + [MASK_ITEM]]))[0]
     recommender = Recommender(trained_run.run_dir / "model")
@@ -129,11 +136,7 @@ def test_recommend_scores_equal_the_training_models(trained_run, titled_dataset)
 @pytest.mark.parametrize("split", ["valid", "test"])
 def test_evaluate_on_the_export_reproduces_the_training_models_metrics(trained_run, titled_dataset, tmp_path, cli, split):
     """The plain HF directory users deploy ranks as the training model does, in the same precision."""
-    from safetensors.torch import load_file
-
-    from seqrec.data.prepared import PreparedDataset
     from seqrec.evaluate import evaluate_model
-    from seqrec.model import build_model
 
     out = tmp_path / "export"
     assert cli("export", trained_run.run_dir, out).code == 0
@@ -143,11 +146,8 @@ def test_evaluate_on_the_export_reproduces_the_training_models_metrics(trained_r
     assert "seqrec" in result.out and "popularity" in result.out
     written = json.loads(report.read_text())
 
-    config = load_config(trained_run.run_dir / "config.yaml")
-    data = PreparedDataset.open(titled_dataset)
-    model, _ = build_model(config.model, data.num_items, config.data.max_len)
-    model.load_state_dict(load_file(str(trained_run.run_dir / "best_weights.safetensors")))
-    expected = evaluate_model(model.eval(), data.eval_set(split), 64, config.data.max_len, config.eval.ks, True, torch.device("cpu"))
+    model, config, data = _best_training_model(trained_run, titled_dataset)
+    expected = evaluate_model(model, data.eval_set(split), 64, config.data.max_len, config.eval.ks, True, torch.device("cpu"))
     assert written["metrics"] == pytest.approx(expected, abs=1e-12)
     trained = json.loads((trained_run.run_dir / "metrics.json").read_text())
     assert written["popularity"] == pytest.approx(trained["popularity"][split], abs=1e-12)

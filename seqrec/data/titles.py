@@ -72,7 +72,6 @@ def sibling_titles_file(source: Path) -> Path | None:
     candidate = {"u.data": "u.item", "ratings.dat": "movies.dat"}.get(content_name(source))
     if candidate is None:
         return None
-    for name in (candidate, candidate + (compression_of(source) or "")):
-        if (source.parent / name).is_file():
-            return source.parent / name
-    return None
+    # A compressed release may keep its titles compressed alike (u.data.gz -> u.item.gz).
+    names = [candidate] + ([candidate + compression_of(source)] if compression_of(source) else [])
+    return next((source.parent / name for name in names if (source.parent / name).is_file()), None)
