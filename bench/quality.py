@@ -42,11 +42,8 @@ DATASETS = {
     # default since): 15 epochs on one core gave test NDCG@10 0.0139 against 0.0119 at 1.0.
     # loss.prefix_prob 0 gained about as much (0.0133), but its whole rows cost ~25% more per
     # epoch, and the two together gave 0.0134.
-    # Weight decay 0.5 (not the product's 0.01): two 45-minute runs side by side gave test NDCG@10
-    # 0.0192 against 0.0166, validation ahead from epoch 11 (epoch 17: 0.0262 against 0.0232),
-    # where with 0.01 validation stalls at ~0.023 while the training loss keeps falling.
     "beauty": {"source": ["beauty.txt"], "max_len": 50, "batch_size": 512, "warmup_steps": 100,
-               "overrides": ["model.item_init_noise=null", "optim.weight_decay=0.5"],
+               "overrides": ["model.item_init_noise=null"],
                "published": {"BERT4Rec": (0.0338, 0.0187), "SASRec+ (full CE)": (0.0533, 0.0327)}},
     "ml-1m": {
         "source": ["ml-1m.txt", "--titles", "ml-1m/movies.dat", "--item-map", "ml-1m/sas_to_original_items.txt"],
