@@ -116,6 +116,20 @@ def test_default_output_is_under_shards(tmp_path):
     assert str(default_output(tmp_path / "ml-100k" / "u.data")) == "shards/ml-100k"
 
 
+def test_movielens_titles_are_found_beside_plain_and_compressed_ratings(tmp_path):
+    from seqrec.data.titles import sibling_titles_file
+
+    for folder, files in {"plain": ["u.data", "u.item"], "both_gz": ["u.data.gz", "u.item.gz"], "gz_data_plain_item": ["u.data.gz", "u.item"], "none": ["u.data"]}.items():
+        (tmp_path / folder).mkdir()
+        for name in files:
+            (tmp_path / folder / name).touch()
+    assert sibling_titles_file(tmp_path / "plain" / "u.data") == tmp_path / "plain" / "u.item"
+    assert sibling_titles_file(tmp_path / "both_gz" / "u.data.gz") == tmp_path / "both_gz" / "u.item.gz"
+    assert sibling_titles_file(tmp_path / "gz_data_plain_item" / "u.data.gz") == tmp_path / "gz_data_plain_item" / "u.item"
+    assert sibling_titles_file(tmp_path / "none" / "u.data") is None
+    assert sibling_titles_file(tmp_path / "plain" / "ratings.csv") is None
+
+
 def test_inspect_prints_counts_and_samples(cli, tiny_dataset):
     result = cli("inspect", tiny_dataset, "--samples", "2")
     assert result.code == 0, result.err

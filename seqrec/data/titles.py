@@ -73,5 +73,8 @@ def sibling_titles_file(source: Path) -> Path | None:
     if candidate is None:
         return None
     # A compressed release may keep its titles compressed alike (u.data.gz -> u.item.gz).
-    names = [candidate] + ([candidate + compression_of(source)] if compression_of(source) else [])
-    return next((source.parent / name for name in names if (source.parent / name).is_file()), None)
+    compression = compression_of(source)
+    for name in [candidate, candidate + compression] if compression else [candidate]:
+        if (source.parent / name).is_file():
+            return source.parent / name
+    return None
