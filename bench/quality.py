@@ -12,7 +12,8 @@ Recipes, all measured here on the same prepared data:
   default-text  (datasets with titles) default with item embeddings from title word pieces
   sasrec        (only when named) the published SASRec+ configuration itself: hidden 64,
                 2 blocks, 1 head, dropout 0.1, no weight decay, batch 128, causal, full
-                cross-entropy, from random initialisation
+                cross-entropy, from random initialisation (its batch wins over --batch-size;
+                change it with --set train.batch_size=B)
 
 --set overrides apply after the recipe's own settings, so they can change those too.
 
