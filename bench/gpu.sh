@@ -11,24 +11,19 @@
 #                  evaluation and reader ratios), kept under "gpu" in bench/results/efficiency.json,
 #                  plus the eager step's operator table (--profile: bench/results/profile_cuda.txt),
 #                  to find where the host time of the launch-bound eager step goes
-#   quality-ml-1m  bench/quality.py, the default recipe with all 6 MiniLM layers at lr 2e-4 with 300
-#                  warm-up steps (on an H200, lr 1e-3, the 2-layer CPU recipe's, never left the
-#                  popularity level; 1e-4, 2e-4 and 5e-4 gave test NDCG@10 0.171, 0.182 and 0.176)
-#   quality-beauty the same on Beauty
-#   quality-beauty-2-layers
-#                  Beauty with the 2-layer CPU recipe (lr 1e-3) at batch 1024, validated every 5th
-#                  epoch: the eager GPU step takes the same ~35 ms from batch 64 to 1024 (host-bound),
-#                  so a larger batch buys epochs; on CPU, Beauty's validation NDCG@10 still rose
-#                  at the end of 80 minutes (48 epochs on one core; bench/results/quality_beauty.json)
+#   quality        four bench/quality.py runs side by side on the one GPU (the eager step is bound by
+#                  the host launching kernels, so one run leaves the GPU mostly idle), QUALITY_MINUTES
+#                  each, every run at the product defaults (lr 1e-3, encoder at 0.3 x, weight decay 1):
+#                  ML-1M with all 6 MiniLM layers; Beauty with 2 and with 6 layers; and Beauty's
+#                  published SASRec+ configuration (recipe sasrec). Logs: LOGS/quality-<run>.log
 #
-# Environment: PYTHON (python3), LOGS (logs/gpu), ML1M_MINUTES (10), BEAUTY_MINUTES (10),
-# QUALITY_ARGS (extra bench/quality.py arguments), SEQREC_DATA_DIR (../shared/data).
+# Environment: PYTHON (python3), LOGS (logs/gpu), QUALITY_MINUTES (7.5), QUALITY_ARGS (extra
+# bench/quality.py arguments), SEQREC_DATA_DIR (../shared/data).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 LOGS=${LOGS:-logs/gpu}
-ML1M_MINUTES=${ML1M_MINUTES:-10}
-BEAUTY_MINUTES=${BEAUTY_MINUTES:-10}
+QUALITY_MINUTES=${QUALITY_MINUTES:-7.5}
 QUALITY_ARGS=${QUALITY_ARGS:-}
 export PYTHONUNBUFFERED=1 WANDB_MODE=${WANDB_MODE:-disabled}
 mkdir -p "$LOGS"
@@ -64,31 +59,47 @@ for run in ("runs/gpu-demo", "runs/gpu-tiny-zero3"):
 EOF
 }
 
-quality() {  # quality DATASET MINUTES
-    "$PYTHON" bench/quality.py --dataset "$1" --keep-layers 6 --minutes "$2" --recipes default --batch-size 64 --lr 2e-4 --warmup-steps 300 \
-        --set train.patience=10 --set train.epochs=1000 --label gpu-6-layers-lr-2e-4 $QUALITY_ARGS
+quality_runs() {  # quality_runs MINUTES: each run in the background, then wait for all
+    local minutes=$1 failed=0 name pid
+    local budget="--minutes $minutes --set train.epochs=1000 --set train.patience=10"
+    # Prepared once up front, so the runs do not race to write the same shards.
+    "$PYTHON" -c "import sys; sys.path.insert(0, 'bench'); import quality; quality.prepared('ml-1m'); quality.prepared('beauty')" || return 1
+    declare -A runs=(
+        [ml-1m-6-layers]="--dataset ml-1m --keep-layers 6 --recipes default $budget --label gpu-6-layers-defaults-$minutes-min"
+        [beauty-2-layers]="--dataset beauty --recipes default $budget --set train.eval_every=3 --label gpu-2-layers-$minutes-min"
+        [beauty-6-layers]="--dataset beauty --keep-layers 6 --recipes default $budget --set train.eval_every=3 --label gpu-6-layers-$minutes-min"
+        [beauty-sasrec]="--dataset beauty --recipes sasrec $budget --set train.eval_every=2 --label gpu-$minutes-min"
+    )
+    declare -A pids=()
+    for name in "${!runs[@]}"; do
+        # shellcheck disable=SC2086  (the run's arguments are words)
+        OMP_NUM_THREADS=3 "$PYTHON" bench/quality.py ${runs[$name]} $QUALITY_ARGS >"$LOGS/quality-$name.log" 2>&1 &
+        pids[$name]=$!
+    done
+    for name in "${!pids[@]}"; do
+        pid=${pids[$name]}
+        if wait "$pid"; then
+            echo "$name: $(grep -E 'test metrics' -A2 "$LOGS/quality-$name.log" | tail -n 1)"
+        else
+            echo "$name: failed (log $LOGS/quality-$name.log)"; failed=1
+        fi
+    done
+    return $failed
 }
 
-quality_beauty_2_layers() {  # quality_beauty_2_layers MINUTES
-    "$PYTHON" bench/quality.py --dataset beauty --keep-layers 2 --minutes "$1" --recipes default --batch-size 1024 --lr 1e-3 --warmup-steps 100 \
-        --set train.patience=10 --set train.epochs=10000 --set train.eval_every=5 --label gpu-2-layers-batch-1024 $QUALITY_ARGS
-}
-
-export -f deepspeed_runs quality quality_beauty_2_layers
-export PYTHON QUALITY_ARGS
+export -f deepspeed_runs quality_runs
+export PYTHON QUALITY_ARGS LOGS
 minutes_limit() { awk -v m="$1" 'BEGIN { print int(m * 60 + 180) }'; }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(cuda-tests deepspeed efficiency quality-ml-1m quality-beauty quality-beauty-2-layers)
+[ ${#steps[@]} -gt 0 ] || steps=(cuda-tests deepspeed efficiency quality)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 for name in "${steps[@]}"; do
     case $name in
         cuda-tests) step cuda-tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_masking.py tests/test_train.py -k cuda ;;
         deepspeed) step deepspeed 300 deepspeed_runs ;;
         efficiency) step efficiency 600 "$PYTHON" bench/efficiency.py --device cuda --profile ;;
-        quality-ml-1m) step quality-ml-1m "$(minutes_limit "$ML1M_MINUTES")" quality ml-1m "$ML1M_MINUTES" ;;
-        quality-beauty) step quality-beauty "$(minutes_limit "$BEAUTY_MINUTES")" quality beauty "$BEAUTY_MINUTES" ;;
-        quality-beauty-2-layers) step quality-beauty-2-layers "$(minutes_limit "$BEAUTY_MINUTES")" quality_beauty_2_layers "$BEAUTY_MINUTES" ;;
+        quality) step quality "$(minutes_limit "$QUALITY_MINUTES")" quality_runs "$QUALITY_MINUTES" ;;
         *) echo "unknown step $name"; failures=$((failures + 1)) ;;
     esac
 done

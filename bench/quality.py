@@ -27,6 +27,7 @@ training runs; each result records its epochs and seconds so figures are read in
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
@@ -36,6 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, code_version, machine, versions  # noqa: E402
+
+from seqrec.atomic import atomic_file  # noqa: E402
 
 DATA_DIR = Path(os.environ.get("SEQREC_DATA_DIR", REPO.parent / "shared" / "data"))
 DATASETS = {
@@ -81,10 +84,13 @@ def recipes(keep_layers: int) -> dict[str, list[str]]:
     }
 
 
-def recipe_overrides(recipe: str, keep_layers: int, common: list[str], overrides: list[str], dataset_name: str) -> list[str]:
+def recipe_overrides(recipe: str, keep_layers: int, common: list[str], overrides: list[str], dataset_name: str,
+                     label: str | None = None) -> list[str]:
     """The config overrides of one recipe's run: the benchmark's common settings, the recipe's,
-    then the user's `--set` (last, so they win)."""
-    return [*common, *recipes(keep_layers)[recipe], *overrides, f"name=quality-{dataset_name}-{recipe}"]
+    then the user's `--set` (last, so they win). A label gives the run a directory of its own, so
+    labelled runs of one recipe can train side by side."""
+    name = f"quality-{dataset_name}-{recipe}" + (f"-{label}" if label else "")
+    return [*common, *recipes(keep_layers)[recipe], *overrides, f"name={name}"]
 
 
 def prepared(dataset: str) -> tuple[Path, int, dict]:
@@ -112,7 +118,7 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, help="default: 50 for beauty, 200 for ml-1m")
     parser.add_argument("--recipes", nargs="+", help="subset of default scratch causal popularity default-text, or sasrec (run only when named)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override for every recipe, applied after the recipe's own")
-    parser.add_argument("--label", help="suffix for the rows' recipe names, for ablations kept beside the plain recipe")
+    parser.add_argument("--label", type=run_label, help="suffix for the rows' recipe names, for ablations kept beside the plain recipe")
     args = parser.parse_args()
     import logging
 
@@ -148,7 +154,7 @@ def main() -> None:
             evaluation = popularity_baseline(data, max_len, 512, protocol.ks, protocol.exclude_history)
             results.append({"recipe": row_name, **evaluation, "train_seconds": 0.0, "epochs": 0, "config": {}})
             continue
-        config = load_config(REPO / "configs" / "demo.yaml", recipe_overrides(recipe, args.keep_layers, common, args.overrides, name))
+        config = load_config(REPO / "configs" / "demo.yaml", recipe_overrides(recipe, args.keep_layers, common, args.overrides, name, args.label))
         result = run(config)
         metrics = result.metrics
         results.append({
@@ -159,6 +165,12 @@ def main() -> None:
         })
         _write(name, results, published, args)
     _write(name, results, published, args)
+
+
+def run_label(text: str) -> str:
+    if not text or "/" in text or text.strip() != text:
+        raise argparse.ArgumentTypeError(f"a label names a run directory: non-empty, no '/' and no surrounding spaces, got {text!r}")
+    return text
 
 
 def validation_history(run_dir: Path) -> list[dict]:
@@ -173,12 +185,24 @@ def validation_history(run_dir: Path) -> list[dict]:
 def _write(name: str, results: list[dict], published: dict, args: argparse.Namespace) -> None:
     """quality_<name>.json/.md: this run's recipes, plus the rows of earlier runs for recipes this
     one did not train (each row keeps the command that produced it), so a partial re-run does not
-    drop the others."""
+    drop the others. Runs side by side (bench/gpu.sh) each hold a lock while they merge, and the
+    files are replaced whole, so no run's rows are lost and no reader sees half a file."""
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
     for row in results:
         row.setdefault("command", command)
         row.setdefault("machine", machine())
         row.setdefault("code", code_version())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    # The lock is on the results folder itself (the files are replaced, so their inodes change).
+    folder = os.open(RESULTS, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        _merge_and_write(name, results, published, command)
+    finally:
+        os.close(folder)
+
+
+def _merge_and_write(name: str, results: list[dict], published: dict, command: str) -> None:
     path = RESULTS / f"quality_{name}.json"
     earlier = json.loads(path.read_text()) if path.is_file() else {}
     ran = {row["recipe"] for row in results}
@@ -196,8 +220,8 @@ def _write(name: str, results: list[dict], published: dict, args: argparse.Names
         "versions": versions(),
         "command": command,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    with atomic_file(path) as handle:
+        handle.write(json.dumps(payload, indent=2) + "\n")
     lines = [
         f"# Quality on {name}", "", PROTOCOL + ".", "", "Time-budgeted rows are comparable only on the same machine (machine column); code is the seqrec commit measured.", "",
         "| recipe | test HR@10 | test NDCG@10 | valid NDCG@10 | epochs | train s | command | machine | code |", "|---|---|---|---|---|---|---|---|---|",
@@ -207,7 +231,8 @@ def _write(name: str, results: list[dict], published: dict, args: argparse.Names
                      f"| {row['epochs']} | {row['train_seconds']:.0f} | `{row['command']}` | {row['machine']} | {row.get('code', 'unrecorded')} |")
     for model, (hr, ndcg) in published.items():
         lines.append(f"| published {model} | {hr:.4f} | {ndcg:.4f} | | | | | | |")
-    (RESULTS / f"quality_{name}.md").write_text("\n".join(lines) + "\n")
+    with atomic_file(RESULTS / f"quality_{name}.md") as handle:
+        handle.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

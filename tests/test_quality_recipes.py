@@ -1,6 +1,10 @@
-"""The quality benchmark's recipes are valid configs, and `--set` overrides win over them."""
+"""The quality benchmark's recipes are valid configs, `--set` overrides win over them, and runs
+side by side keep every row."""
 
 import importlib.util
+import json
+import multiprocessing
+import time
 from pathlib import Path
 
 import pytest
@@ -18,9 +22,9 @@ def quality():
     return module
 
 
-def recipe_config(quality, recipe, overrides=()):
+def recipe_config(quality, recipe, overrides=(), label=None):
     common = ["train.batch_size=512", "optim.weight_decay=0.5"]
-    return load_config(REPO / "configs" / "demo.yaml", quality.recipe_overrides(recipe, 2, common, list(overrides), "beauty"))
+    return load_config(REPO / "configs" / "demo.yaml", quality.recipe_overrides(recipe, 2, common, list(overrides), "beauty", label))
 
 
 def test_every_recipe_is_a_valid_config(quality):
@@ -45,3 +49,36 @@ def test_overrides_apply_after_the_recipe(quality):
     assert recipe_config(quality, "default", ["model.weights=random"]).model.weights == "random"
     assert recipe_config(quality, "default").optim.weight_decay == 0.5
     assert recipe_config(quality, "default").name == "quality-beauty-default"
+
+
+def test_labelled_runs_of_one_recipe_get_their_own_run_directory(quality):
+    assert recipe_config(quality, "default", label="gpu-6-layers").run_path != recipe_config(quality, "default").run_path
+    assert recipe_config(quality, "default", label="gpu-6-layers").name == "quality-beauty-default-gpu-6-layers"
+
+
+def _write_rows(quality, worker: int, rows_each: int) -> None:
+    for index in range(rows_each):
+        row = {"recipe": f"default (worker-{worker}-row-{index})", "test": {"HR@10": 0.1, "NDCG@10": 0.05},
+               "valid": {"NDCG@10": 0.06}, "epochs": 1, "train_seconds": 1.0}
+        quality._write("side-by-side", [row], {"SASRec+ (full CE)": (0.5, 0.3)}, None)
+
+
+def test_runs_side_by_side_keep_every_row(quality, tmp_path, monkeypatch):
+    """Each writer reads the rows, then writes them back with its own: without the lock, writers
+    that read together drop each other's rows. The slow machine() widens that window."""
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    monkeypatch.setattr(quality, "machine", lambda: time.sleep(0.05) or "test machine")
+    monkeypatch.setattr(quality, "versions", lambda: {})
+    workers, rows_each = 4, 3
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=_write_rows, args=(quality, worker, rows_each)) for worker in range(workers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+    rows = json.loads((tmp_path / "quality_side-by-side.json").read_text())["results"]
+    assert sorted(row["recipe"] for row in rows) == sorted(f"default (worker-{w}-row-{i})" for w in range(workers) for i in range(rows_each))
+    table = (tmp_path / "quality_side-by-side.md").read_text().splitlines()
+    assert sum(line.startswith("| default (worker-") for line in table) == workers * rows_each
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["quality_side-by-side.json", "quality_side-by-side.md"]
