@@ -152,7 +152,7 @@ def main() -> None:
     from seqrec.data.stream import StreamOptions, sequence_loader
     from seqrec.engine import TrainingEngine, plan_batches
     from seqrec.evaluate import history_batches, metrics_from_ranks
-    from seqrec.losses import MaskedItemObjective
+    from seqrec.losses import LossWeights, MaskedItemObjective
     from seqrec.masking import IGNORE_LABEL, mask_from_draws
     from seqrec.model import build_model
     from seqrec.runtime import keep_freed_host_memory, resolve_device
@@ -204,7 +204,7 @@ def main() -> None:
         if dense_lookup_gradient:  # the lookup's gradient as before 10c13d9: a zero-filled table, added in whole
             model.mlm.get_input_embeddings().sparse = False
         engine = TrainingEngine(MaskedItemObjective(model, setting.loss.mask_prob), setting, plan_batches(setting, 1), 10**6, torch.bfloat16)
-        step = lambda pair: optimizer_step(engine, [pair[0]], [pair[1]], (1.0, 1.0), 1)  # noqa: E731
+        step = lambda pair: optimizer_step(engine, [pair[0]], [pair[1]], LossWeights(1.0, 1.0), 1)  # noqa: E731
         if compile_encoder:
             model.compile_encoder()
             for pair in pairs:  # compile every sequence length first: compilation is not step time

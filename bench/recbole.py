@@ -178,10 +178,11 @@ def seqrec_throughput(batches: int, batch: int) -> dict:
     import torch
 
     from seqrec.data.stream import StreamOptions, sequence_loader
+    from seqrec.losses import LossWeights
     from seqrec.train import optimizer_step
 
     data, config, max_len, engine = same_size_seqrec(batch)
-    weights = (config.loss.tail_weight, config.loss.masked_weight)
+    weights = LossWeights(config.loss.tail_weight, config.loss.masked_weight)
     options = StreamOptions(max_len, shuffle_buffer=2000, seed=0)
     items = []
     for loaded in sequence_loader(data.sequences(options), options, batch, num_workers=0):
@@ -205,13 +206,14 @@ def seqrec_time_to_quality(batch: int, target: float, marks: list[float]) -> dic
 
     from seqrec.data.stream import StreamOptions, sequence_loader
     from seqrec.evaluate import evaluate_model
+    from seqrec.losses import LossWeights
     from seqrec.train import optimizer_step
 
     data, config, max_len, engine = same_size_seqrec(batch)
     valid = data.eval_set("valid")
     generator = torch.Generator().manual_seed(0)
     trained, sequences, epoch, curve, pending = 0.0, 0, 0, [], list(marks)
-    weights = (config.loss.tail_weight, config.loss.masked_weight)
+    weights = LossWeights(config.loss.tail_weight, config.loss.masked_weight)
     engine.train()
     while pending:
         options = StreamOptions(max_len, shuffle_buffer=10_000, seed=0)

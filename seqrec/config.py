@@ -144,9 +144,24 @@ class LossConfig:
     # the masked history seems to act as useful noise for the tail loss too. Beauty at the current
     # default (tail_weight 0, 45 minutes on one core): 0.25 gave 0.0203 against 0.0205.
     tail_only_prob: float = 0.0
+    # Weight of the contrast between masked views of each row (seqrec.contrastive; bidirectional
+    # models only): every row is masked `contrastive_views` times, all views train the masked
+    # and tail terms, and NT-Xent over the views' tail states (cosine / temperature) is added at
+    # this weight. 0 = off, one view per row. Each view is a full forward and backward pass.
+    contrastive_weight: float = 0.0
+    contrastive_views: int = 2
+    contrastive_temperature: float = 0.2
+
+    @property
+    def views(self) -> int:
+        """Masked views per training row."""
+        return self.contrastive_views if self.contrastive_weight > 0 else 1
 
     def validate(self) -> None:
         _check(0 < self.mask_prob < 1, "loss.mask_prob", "must be in (0, 1)", self.mask_prob)
+        _check(self.contrastive_weight >= 0, "loss.contrastive_weight", "must be >= 0 (0 = off)", self.contrastive_weight)
+        _check(self.contrastive_views >= 2, "loss.contrastive_views", "must be >= 2", self.contrastive_views)
+        _check(self.contrastive_temperature > 0, "loss.contrastive_temperature", "must be > 0", self.contrastive_temperature)
         _check(0 <= self.prefix_prob <= 1, "loss.prefix_prob", "must be in [0, 1]", self.prefix_prob)
         _check(0 <= self.tail_only_prob <= 1, "loss.tail_only_prob", "must be in [0, 1]", self.tail_only_prob)
         _check(self.tail_weight >= 0 and self.masked_weight >= 0, "loss.tail_weight/masked_weight", "must be >= 0", (self.tail_weight, self.masked_weight))

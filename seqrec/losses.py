@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from seqrec.contrastive import view_contrast_loss
 from seqrec.masking import IGNORE_LABEL, MaskedBatch, mask_from_draws, tail_positions
 from seqrec.model import SeqRecModel
 
@@ -23,6 +24,13 @@ class LossParts:
     tail: torch.Tensor  # next-item cross-entropy at the tail
     masked: torch.Tensor  # cross-entropy over every masked position, tails included
     scored_rows: int  # rows of the logits matrix that was built (its width is num_items)
+    contrastive: torch.Tensor | None = None  # NT-Xent between masked views (None: not computed)
+
+
+class LossWeights(NamedTuple):
+    tail: float
+    masked: float
+    contrastive: float = 0.0
 
 
 class LossSums(NamedTuple):
@@ -34,40 +42,62 @@ class LossSums(NamedTuple):
     masked_sum: torch.Tensor
     masked_count: torch.Tensor
     scored_rows: int
+    # Mean over this rank's rows, like tail_mean; None when the objective makes one view per row.
+    contrastive_mean: torch.Tensor | None = None
 
-    def combine(self, tail_weight: float, masked_weight: float, masked_count_all_ranks: torch.Tensor | None = None, world_size: int = 1) -> LossParts:
+    def combine(self, weights: LossWeights, masked_count_all_ranks: torch.Tensor | None = None, world_size: int = 1) -> LossParts:
         """With the all-rank count, `masked` is scaled so that gradient averaging over ranks yields
         the mean over every masked position of the global batch."""
         if masked_count_all_ranks is None:
             masked = self.masked_sum / self.masked_count
         else:
             masked = self.masked_sum * world_size / masked_count_all_ranks
-        return LossParts(tail_weight * self.tail_mean + masked_weight * masked, self.tail_mean.detach(), masked.detach(), self.scored_rows)
+        total = weights.tail * self.tail_mean + weights.masked * masked
+        contrastive = None
+        if self.contrastive_mean is not None:
+            total = total + weights.contrastive * self.contrastive_mean
+            contrastive = self.contrastive_mean.detach()
+        return LossParts(total, self.tail_mean.detach(), masked.detach(), self.scored_rows, contrastive)
 
 
 class MaskedItemObjective(nn.Module):
     """The training forward pass as one module (what an engine wraps): mask, encode, score, CE."""
 
-    def __init__(self, model: SeqRecModel, mask_prob: float, tail_only_prob: float = 0.0):
+    def __init__(self, model: SeqRecModel, mask_prob: float, tail_only_prob: float = 0.0, views: int = 1,
+                 temperature: float = 0.2):
         super().__init__()
         self.model = model
         self.mask_prob = mask_prob
         self.tail_only_prob = tail_only_prob
+        # Masked views per row (bidirectional only): > 1 adds the contrast between them.
+        self.views = 1 if model.causal else views
+        self.temperature = temperature
 
     def forward(self, items: torch.Tensor, draws: torch.Tensor) -> LossSums:
+        """`draws` [views * B, L]: one uniform draw per position of every view."""
         if self.model.causal:
             return causal_loss_sums(self.model, items)
-        return masked_loss_sums(self.model, mask_from_draws(items, draws, self.mask_prob, self.tail_only_prob))
+        if self.views == 1:
+            return masked_loss_sums(self.model, mask_from_draws(items, draws, self.mask_prob, self.tail_only_prob))
+        batch = mask_from_draws(items.repeat(self.views, 1), draws, self.mask_prob, self.tail_only_prob)
+        return masked_loss_sums(self.model, batch, self.views, self.temperature)
 
 
-def masked_loss_sums(model: SeqRecModel, batch: MaskedBatch) -> LossSums:
+def masked_loss_sums(model: SeqRecModel, batch: MaskedBatch, views: int = 1, temperature: float = 0.2) -> LossSums:
+    """Rows of `batch` are `views` masked copies of the same rows, view-major; with views > 1,
+    the tails' hidden states are contrasted (seqrec.contrastive)."""
     batch_size, length = batch.inputs.shape
     rows = torch.arange(batch_size, device=batch.inputs.device)
     others = batch.labels != IGNORE_LABEL
     others[rows, batch.tail] = False
     positions = torch.cat([rows * length + batch.tail, torch.nonzero(others.flatten()).flatten()])
-    losses = model(batch.inputs, positions, batch.labels.flatten()[positions])
-    return LossSums(losses[:batch_size].mean(), losses.sum(), _count(losses), losses.shape[0])
+    labels = batch.labels.flatten()[positions]
+    if views == 1:
+        losses = model(batch.inputs, positions, labels)
+        return LossSums(losses[:batch_size].mean(), losses.sum(), _count(losses), losses.shape[0])
+    losses, tails = model(batch.inputs, positions, labels, hidden_rows=batch_size)
+    contrastive = view_contrast_loss(tails, views, temperature)
+    return LossSums(losses[:batch_size].mean(), losses.sum(), _count(losses), losses.shape[0], contrastive)
 
 
 def _count(losses: torch.Tensor) -> torch.Tensor:
@@ -78,7 +108,7 @@ def _count(losses: torch.Tensor) -> torch.Tensor:
 
 
 def masked_item_loss(model: SeqRecModel, batch: MaskedBatch, tail_weight: float, masked_weight: float) -> LossParts:
-    return masked_loss_sums(model, batch).combine(tail_weight, masked_weight)
+    return masked_loss_sums(model, batch).combine(LossWeights(tail_weight, masked_weight))
 
 
 def causal_loss_sums(model: SeqRecModel, items: torch.Tensor) -> LossSums:
@@ -99,5 +129,5 @@ def causal_loss_sums(model: SeqRecModel, items: torch.Tensor) -> LossSums:
 
 
 def causal_next_item_loss(model: SeqRecModel, items: torch.Tensor) -> LossParts:
-    parts = causal_loss_sums(model, items).combine(0.0, 1.0)
+    parts = causal_loss_sums(model, items).combine(LossWeights(0.0, 1.0))
     return LossParts(parts.total, parts.masked, parts.masked, parts.scored_rows)

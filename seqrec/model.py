@@ -94,10 +94,12 @@ class SeqRecModel(nn.Module):
             return self.mlm.bert(inputs_embeds=token_embeddings, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
         return self.mlm.bert(input_ids=self.vocab.tokens(items), attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
 
-    def forward(self, items: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, items: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None,
+                hidden_rows: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Full-catalogue scores [M, num_items] at `positions`, flat indices into the [B, L] batch;
         with `labels` (item ids 1..N), the per-position cross-entropy over the full catalogue [M]
-        instead, without keeping fp32 scores (see catalog_loss).
+        instead, without keeping fp32 scores (see catalog_loss). With `hidden_rows` k > 0, also the
+        encoder's hidden states at the first k positions: (result, [k, hidden]).
 
         Training and evaluation both come through here, so engines that act at module boundaries
         (ZeRO-3 gathers parameters in forward hooks) see every parameter use.
@@ -105,9 +107,8 @@ class SeqRecModel(nn.Module):
         scoring_table = None if labels is None else self._scoring_table()
         hidden = self.encode(items)
         gathered = hidden.reshape(-1, hidden.shape[-1])[positions]
-        if labels is None:
-            return self.item_scores(gathered)
-        return self.item_losses(gathered, labels, scoring_table)
+        result = self.item_scores(gathered) if labels is None else self.item_losses(gathered, labels, scoring_table)
+        return (result, gathered[:hidden_rows]) if hidden_rows else result
 
     def _scoring_table(self) -> torch.Tensor:
         """The tied table as the scoring reads it. With a sparse lookup gradient (CPU), an alias

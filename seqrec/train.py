@@ -32,7 +32,7 @@ from seqrec.distributed import DistInfo
 from seqrec.errors import ConfigError
 from seqrec.engine import BatchPlan, TrainingEngine, plan_batches
 from seqrec.evaluate import evaluate_model, format_table, popularity_baseline
-from seqrec.losses import LossParts, MaskedItemObjective
+from seqrec.losses import LossParts, LossWeights, MaskedItemObjective
 from seqrec.model import build_model
 from seqrec.optim import planned_total_steps
 from seqrec.runtime import autocast_dtype, keep_freed_host_memory, resolve_device
@@ -85,7 +85,7 @@ def not_learned_hint(layers: int, encoder_lr: float, state: LoopState) -> str:
     return f"validation peaked at epoch {state.best_epoch} of {state.epoch}: try a lower optim.lr or more data"
 
 
-def optimizer_step(engine: TrainingEngine, items: list[torch.Tensor], draws: list[torch.Tensor], loss_weights: tuple[float, float], world_size: int) -> LossParts:
+def optimizer_step(engine: TrainingEngine, items: list[torch.Tensor], draws: list[torch.Tensor], loss_weights: LossWeights, world_size: int) -> LossParts:
     """One optimiser step over this rank's micro-batches (the engine accumulates, then steps);
     returns the mean loss parts. The masked term is normalised by the masked-position count of
     all ranks, so N ranks x micro-batch b train exactly like one process with batch N x b."""
@@ -94,11 +94,12 @@ def optimizer_step(engine: TrainingEngine, items: list[torch.Tensor], draws: lis
         sums = engine.forward(batch, batch_draws)
         masked_count = sums.masked_count.detach().clone()
         dist.all_reduce(masked_count)
-        parts = sums.combine(*loss_weights, masked_count, world_size)
+        parts = sums.combine(loss_weights, masked_count, world_size)
         engine.backward_and_step(parts.total)
-        detached = (parts.total.detach(), parts.tail, parts.masked)
-        totals = detached if totals is None else tuple(a + b for a, b in zip(totals, detached))
-    return LossParts(*(value / len(items) for value in totals), 0)
+        detached = (parts.total.detach(), parts.tail, parts.masked, parts.contrastive)
+        totals = detached if totals is None else tuple(None if a is None else a + b for a, b in zip(totals, detached))
+    total, tail, masked, contrastive = (None if value is None else value / len(items) for value in totals)
+    return LossParts(total, tail, masked, 0, contrastive)
 
 
 def run(config: JobConfig, resume: str | None = None) -> TrainResult:
@@ -169,13 +170,17 @@ class _Trainer:
             )
         total = sum(self.epoch_steps)
         self.total_steps = min(total, config.train.max_steps) if config.train.max_steps else total
-        self.objective = MaskedItemObjective(model, config.loss.mask_prob, config.loss.tail_only_prob)
+        self.objective = MaskedItemObjective(
+            model, config.loss.mask_prob, config.loss.tail_only_prob, config.loss.views, config.loss.contrastive_temperature,
+        )
         self.engine = TrainingEngine(self.objective, config, self.plan, self.total_steps, self.amp)
         self.model = self.engine.model
         if config.model.compile:
             self.model.compile_encoder()
         self.generator = torch.Generator(device=self.device).manual_seed(config.train.seed * 1_000_003 + info.rank)
-        self.loss_weights = (0.0, 1.0) if model.causal else (config.loss.tail_weight, config.loss.masked_weight)
+        self.loss_weights = LossWeights(0.0, 1.0) if model.causal else LossWeights(
+            config.loss.tail_weight, config.loss.masked_weight, config.loss.contrastive_weight,
+        )
         log.info(
             "training %s on %s: %d items, %d sequences; %d process(es) (%s, %s), ZeRO-%d, micro-batch %d x accumulation %d "
             "x world %d = %d per step, ~%d steps/epoch, device %s, %s",
@@ -298,13 +303,15 @@ class _Trainer:
                 row = {
                     "step": state.step, "epoch": state.epoch, "loss": parts.total.item(), "loss_tail": parts.tail.item(),
                     "loss_masked": parts.masked.item(), "lr": self.engine.lr, "grad_norm": self.engine.grad_norm,
+                    **({} if parts.contrastive is None else {"loss_contrastive": parts.contrastive.item()}),
                     "sequences_per_s": round(sum(rate[0] for rate in rates), 1), "tokens_per_s": round(sum(rate[1] for rate in rates), 1),
                     "sequences_per_s_by_rank": [round(rate[0], 1) for rate in rates],
                     "tokens_per_s_by_rank": [round(rate[1], 1) for rate in rates],
                 }
                 self._append(row)
-                log.info("step %d epoch %d loss %.4f (tail %.4f masked %.4f) lr %.2e | %.0f seq/s %.0f tok/s over %d rank(s)",
-                         state.step, state.epoch, row["loss"], row["loss_tail"], row["loss_masked"], row["lr"],
+                contrast = f" contrastive {row['loss_contrastive']:.4f}" if "loss_contrastive" in row else ""
+                log.info("step %d epoch %d loss %.4f (tail %.4f masked %.4f%s) lr %.2e | %.0f seq/s %.0f tok/s over %d rank(s)",
+                         state.step, state.epoch, row["loss"], row["loss_tail"], row["loss_masked"], contrast, row["lr"],
                          row["sequences_per_s"], row["tokens_per_s"], len(rates))
                 window_started, window_sequences, window_tokens = time.perf_counter(), 0, 0
             if config.train.checkpoint_every and state.step % config.train.checkpoint_every == 0 and state.step < self.total_steps:
@@ -313,7 +320,8 @@ class _Trainer:
 
     def _step(self, micro_batches) -> LossParts:
         items = [batch.items.to(self.device, non_blocking=True) for batch in micro_batches]
-        draws = [torch.rand(batch.shape, generator=self.generator, device=self.device) for batch in items]
+        views = self.objective.views
+        draws = [torch.rand((views * batch.shape[0], batch.shape[1]), generator=self.generator, device=self.device) for batch in items]
         return optimizer_step(self.engine, items, draws, self.loss_weights, self.info.world_size)
 
     # ---- state -------------------------------------------------------------------------------

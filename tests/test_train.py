@@ -296,3 +296,14 @@ def test_time_budget_plans_with_the_validation_period_when_validating_every_kth_
     # validation and the learning rate went up and down; planned from the period, it only falls.
     assert all(later <= earlier * (1 + 1e-6) for earlier, later in zip(decay, decay[1:])), decay
     assert lrs[-1] < 0.2 * max(lrs)
+
+
+def test_contrast_between_views_trains_through_the_loop_and_is_logged(small_dataset, tmp_path):
+    overrides = ("train.max_steps=3", "train.log_every=1", "loss.contrastive_weight=0.5", "loss.contrastive_views=2", "data.max_len=20")
+    result = run(_config(small_dataset, tmp_path / "run", *overrides))
+    assert result.metrics["steps"] == 3
+    logged = [row for row in read_history(tmp_path / "run") if "loss" in row]
+    assert len(logged) == 3
+    for row in logged:
+        assert row["loss_contrastive"] > 0
+        assert row["loss"] == pytest.approx(row["loss_masked"] + 0.5 * row["loss_contrastive"], rel=1e-4)

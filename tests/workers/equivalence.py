@@ -13,7 +13,7 @@ import torch.distributed as dist
 from seqrec import distributed
 from seqrec.config import load_config
 from seqrec.engine import TrainingEngine, plan_batches
-from seqrec.losses import MaskedItemObjective
+from seqrec.losses import LossWeights, MaskedItemObjective
 from seqrec.model import build_model
 from seqrec.train import optimizer_step
 
@@ -42,7 +42,7 @@ def train(stage: int, info) -> tuple[list[float], list[float], dict | None]:
     losses, grad_norms = [], []
     rows = slice(info.rank * plan.micro_batch, (info.rank + 1) * plan.micro_batch)
     for items, draws in global_batches():
-        parts = optimizer_step(engine, [items[rows]], [draws[rows]], (1.0, 1.0), info.world_size)
+        parts = optimizer_step(engine, [items[rows]], [draws[rows]], LossWeights(1.0, 1.0), info.world_size)
         total = parts.total.detach().clone()
         dist.all_reduce(total)
         losses.append(float(total) / info.world_size)
