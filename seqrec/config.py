@@ -76,6 +76,13 @@ class ModelConfig:
     # title means spread 0.017 per dimension on ML-1M), so keep a small value there.
     item_init_noise: float | None = 0.02
     attention: str = "bidirectional"
+    # What a causal model learns (attention: causal only). next_item: SASRec's objective, every
+    # position predicts the item after it from its own state, and a history is scored at its
+    # last item. masked: the product's masked item modeling (loss.*) under the causal mask, so a
+    # masked position sees only the items before it: every masked target is a next-item
+    # prediction made through a mask token, exactly as evaluation queries the model (a mask
+    # token appended to the history), not only the tail.
+    causal_objective: str = "next_item"
     # Position ids: from_start numbers items 0, 1, ... from the oldest kept; from_end counts back
     # from the newest (0 at the tail), so "the item to predict" and "the last few items" keep
     # one position embedding each whatever the history's length, as left padding gives
@@ -104,6 +111,7 @@ class ModelConfig:
         _choice(self.weights, "model.weights", ("pretrained", "random"))
         _choice(self.item_init, "model.item_init", ("mean", "random", "text"))
         _choice(self.attention, "model.attention", ("bidirectional", "causal"))
+        _choice(self.causal_objective, "model.causal_objective", ("next_item", "masked"))
         _choice(self.positions, "model.positions", ("from_start", "from_end"))
         _choice(self.attention_kernel, "model.attention_kernel", ("auto", "eager", "sdpa"))
         _check(self.keep_layers is None or self.keep_layers >= 1, "model.keep_layers", "must be >= 1 or null", self.keep_layers)

@@ -41,7 +41,7 @@ def evaluate_export(
     _check_same_items(recommender, data, model_dir, dataset_dir)
     eval_set = data.eval_set(split)
     ranks = rank_all(
-        recommender.scores, eval_set, batch_size, recommender.max_len, append_mask=not recommender.causal,
+        recommender.scores, eval_set, batch_size, recommender.max_len, append_mask=not recommender.next_item,
         exclude_history=exclude_history, device=recommender.device,
     )
     popularity = popularity_baseline(data, recommender.max_len, batch_size, tuple(ks), exclude_history, splits=(split,))[split]

@@ -70,12 +70,12 @@ class MaskedItemObjective(nn.Module):
         self.mask_prob = mask_prob
         self.tail_only_prob = tail_only_prob
         # Masked views per row (bidirectional only): > 1 adds the contrast between them.
-        self.views = 1 if model.causal else views
+        self.views = 1 if model.next_item else views
         self.temperature = temperature
 
     def forward(self, items: torch.Tensor, draws: torch.Tensor) -> LossSums:
         """`draws` [views * B, L]: one uniform draw per position of every view."""
-        if self.model.causal:
+        if self.model.next_item:
             return causal_loss_sums(self.model, items)
         if self.views == 1:
             return masked_loss_sums(self.model, mask_from_draws(items, draws, self.mask_prob, self.tail_only_prob))

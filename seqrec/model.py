@@ -67,7 +67,7 @@ def position_ids_for(scheme: str, items: torch.Tensor) -> torch.Tensor | None:
 
 class SeqRecModel(nn.Module):
     def __init__(self, mlm: BertForMaskedLM, tokenizer, vocab: ItemVocabulary, causal: bool, positions: str = "from_start",
-                 loaded: frozenset[str] = frozenset()):
+                 loaded: frozenset[str] = frozenset(), next_item: bool | None = None):
         super().__init__()
         self.mlm = mlm
         # Names (in `mlm`) of the tensors whose values came from a pretrained checkpoint.
@@ -75,6 +75,11 @@ class SeqRecModel(nn.Module):
         self.tokenizer = tokenizer
         self.vocab = vocab
         self.causal = causal
+        # Trained SASRec-style (each position predicts the item after it) and so queried at a
+        # history's last item; otherwise queried at a mask token appended to the history.
+        self.next_item = causal if next_item is None else next_item
+        if self.next_item and not causal:
+            raise ValueError("the next-item objective needs causal attention")
         self.positions = positions
 
     def position_ids(self, items: torch.Tensor) -> torch.Tensor | None:
@@ -169,6 +174,7 @@ class SeqRecModel(nn.Module):
             "first_item_token": self.vocab.first_item_token,
             "item_token_format": ITEM_TOKEN_FORMAT,
             "attention": "causal" if self.causal else "bidirectional",
+            "query": "last_item" if self.next_item else "mask",
             "positions": self.positions,
             "max_len": max_len or self.max_positions,
         }, indent=2) + "\n")
@@ -224,7 +230,9 @@ def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[
     report = _init_item_embeddings(mlm, tokenizer, vocab, base_embeddings[:base_vocab], config, titles)
     with torch.no_grad():
         mlm.cls.predictions.bias[vocab.item_rows] = 0.0
-    model = SeqRecModel(mlm, tokenizer, vocab, causal=config.attention == "causal", positions=config.positions, loaded=loaded)
+    causal = config.attention == "causal"
+    model = SeqRecModel(mlm, tokenizer, vocab, causal=causal, positions=config.positions, loaded=loaded,
+                        next_item=causal and config.causal_objective == "next_item")
     return model, report
 
 

@@ -1,8 +1,8 @@
 """`seqrec recommend`: top-K items for histories of ORIGINAL item ids, from an exported model.
 
 Loads only safe formats: the weights from safetensors (a directory without them is refused).
-Each history (most recent `max_len - 1` items kept) gets a mask token appended (causal models:
-scored at the last item), is encoded by the plain `BertForMaskedLM` (with position ids counted
+Each history (most recent `max_len - 1` items kept) gets a mask token appended (next-item models,
+`query: last_item` in seqrec_items.json: scored at the last item), is encoded by the plain `BertForMaskedLM` (with position ids counted
 back from the tail where the model was trained so, `positions` in seqrec_items.json), and its MLM
 logits at the item tokens rank the full catalogue; history items are excluded unless asked otherwise.
 """
@@ -44,7 +44,8 @@ class Recommender:
         self.autocast_dtype = autocast_dtype
         self.first_token = int(meta["first_item_token"])
         self.num_items = int(meta["num_items"])
-        self.causal = meta.get("attention") == "causal"
+        # Exports from before `query` was written: causal ones were all next-item models.
+        self.next_item = meta.get("query", "last_item" if meta.get("attention") == "causal" else "mask") == "last_item"
         self.position_scheme = meta.get("positions", "from_start")
         self.max_len = min(int(meta.get("max_len") or self.model.config.max_position_embeddings), self.model.config.max_position_embeddings)
         self.mask_token = _mask_token_id(model_dir)
@@ -62,7 +63,7 @@ class Recommender:
     @torch.no_grad()
     def scores(self, items: torch.Tensor) -> torch.Tensor:
         """Scores over the whole catalogue [B, N] (float32) for right-padded rows of 1-based item
-        ids [B, L] (0 = pad), each ending in MASK_ITEM unless the model is causal, as
+        ids [B, L] (0 = pad), each ending in MASK_ITEM unless the model is a next-item one, as
         `seqrec.evaluate.history_batches` builds them: the row's last entry is scored."""
         items = items.to(self.device)
         tokens = torch.where(items > 0, items + (self.first_token - 1), 0)
@@ -75,8 +76,8 @@ class Recommender:
             return self.model.cls.predictions(gathered)[:, self.first_token : self.first_token + self.num_items].float()
 
     def recommend(self, histories: list[list[int]], k: int, exclude_history: bool = True) -> list[list[Recommendation]]:
-        keep = self.max_len if self.causal else self.max_len - 1
-        rows = [history[-keep:] + ([] if self.causal else [MASK_ITEM]) for history in histories]
+        keep = self.max_len if self.next_item else self.max_len - 1
+        rows = [history[-keep:] + ([] if self.next_item else [MASK_ITEM]) for history in histories]
         items = torch.zeros(len(rows), max(1, max(len(row) for row in rows)), dtype=torch.long)
         for index, row in enumerate(rows):
             items[index, : len(row)] = torch.tensor(row, dtype=torch.long)

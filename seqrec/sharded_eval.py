@@ -210,7 +210,7 @@ def evaluate_sharded(
         own_ids = torch.arange(lo + 1, hi + 1, device=device).unsqueeze(0)
         all_ranks, all_top_items, all_top_scores = [], [], []
         bar = progress.bar(total=-(-len(eval_set) // batch_size), desc="evaluating", unit="batch")
-        for items, targets, history in history_batches(eval_set, batch_size, max_len, append_mask=not model.causal):
+        for items, targets, history in history_batches(eval_set, batch_size, max_len, append_mask=not model.next_item):
             bar.update()
             items, targets = items.to(device), targets.to(device)
             vectors = _user_vectors(model, items, encode_batch, zero3, autocast_dtype)

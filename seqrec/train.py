@@ -178,7 +178,7 @@ class _Trainer:
         if config.model.compile:
             self.model.compile_encoder()
         self.generator = torch.Generator(device=self.device).manual_seed(config.train.seed * 1_000_003 + info.rank)
-        self.loss_weights = LossWeights(0.0, 1.0) if model.causal else LossWeights(
+        self.loss_weights = LossWeights(0.0, 1.0) if model.next_item else LossWeights(
             config.loss.tail_weight, config.loss.masked_weight, config.loss.contrastive_weight,
         )
         log.info(

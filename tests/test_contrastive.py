@@ -92,7 +92,7 @@ def test_one_view_computes_no_contrast_and_causal_models_never_do():
     draws = torch.rand(items.shape, generator=torch.Generator().manual_seed(2))
     assert MaskedItemObjective(model, 0.3)(items, draws).contrastive_mean is None
     assert MaskedItemObjective(model, 0.3)(items, draws).combine(LossWeights(0.0, 1.0, 1.0)).contrastive is None
-    model.causal = True
+    model.causal, model.next_item = True, True
     assert MaskedItemObjective(model, 0.3, views=2).views == 1
 
 

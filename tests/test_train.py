@@ -50,6 +50,23 @@ def test_causal_baseline_trains_through_the_same_loop(small_dataset, tmp_path):
     assert result.metrics["test"]["NDCG@10"] > 1.5 * result.metrics["popularity"]["test"]["NDCG@10"]
 
 
+@pytest.mark.slow
+def test_causal_masked_training_learns_and_its_export_is_queried_alike(small_dataset, tmp_path):
+    from seqrec.export_eval import evaluate_export
+    from seqrec.recommend import Recommender
+
+    overrides = ("train.epochs=8", "model.attention=causal", "model.causal_objective=masked", "model.dropout=0.0", "data.max_len=30",
+                 "train.precision=fp32")
+    config = _config(small_dataset, tmp_path / "run", *overrides)
+    metrics = run(config).metrics
+    assert metrics["test"]["NDCG@10"] > 1.5 * metrics["popularity"]["test"]["NDCG@10"]
+    assert all(row["loss_tail"] > 0 for row in read_history(tmp_path / "run") if "loss" in row)
+    # The deployed directory is queried through an appended mask token, as the training evaluator was.
+    assert not Recommender(tmp_path / "run" / "model").next_item
+    exported = evaluate_export(tmp_path / "run" / "model", small_dataset, "test", batch_size=64, ks=tuple(config.eval.ks))
+    assert exported.model["NDCG@10"] == pytest.approx(metrics["test"]["NDCG@10"], abs=1e-6)
+
+
 def test_prefix_cutting_reaches_the_trained_batches(small_dataset, tmp_path, monkeypatch):
     import seqrec.train as train_module
 
