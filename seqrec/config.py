@@ -83,6 +83,12 @@ class ModelConfig:
     # prediction made through a mask token, exactly as evaluation queries the model (a mask
     # token appended to the history), not only the tail.
     causal_objective: str = "next_item"
+    # How a hidden state meets the item rows. transform: BERT's MLM head (dense + GELU + LayerNorm,
+    # then the tied rows and a bias); MiniLM ships no MLM head, so it starts random. direct: the
+    # encoder's output (already layer-normalised) times the tied rows plus the bias, as SASRec
+    # scores; the transform is then frozen and unused, and exports say so (`head` in
+    # seqrec_items.json), since a plain BertForMaskedLM would still apply it.
+    item_head: str = "transform"
     # Position ids: from_start numbers items 0, 1, ... from the oldest kept; from_end counts back
     # from the newest (0 at the tail), so "the item to predict" and "the last few items" keep
     # one position embedding each whatever the history's length, as left padding gives
@@ -112,6 +118,7 @@ class ModelConfig:
         _choice(self.item_init, "model.item_init", ("mean", "random", "text"))
         _choice(self.attention, "model.attention", ("bidirectional", "causal"))
         _choice(self.causal_objective, "model.causal_objective", ("next_item", "masked"))
+        _choice(self.item_head, "model.item_head", ("transform", "direct"))
         _choice(self.positions, "model.positions", ("from_start", "from_end"))
         _choice(self.attention_kernel, "model.attention_kernel", ("auto", "eager", "sdpa"))
         _check(self.keep_layers is None or self.keep_layers >= 1, "model.keep_layers", "must be >= 1 or null", self.keep_layers)

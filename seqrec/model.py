@@ -3,7 +3,8 @@
 Items live in their own id space (1..N, 0 = padding, MASK_ITEM = masked); `ItemVocabulary`
 maps them to token ids. Item scores reuse the MLM head: its transform, then the item rows
 of the (tied) embedding matrix and of the decoder bias. So the exported model is a plain
-`BertForMaskedLM` whose logits at item tokens are exactly the scores trained here.
+`BertForMaskedLM` whose logits at item tokens are exactly the scores trained here (with
+`model.item_head: direct` the transform is skipped, which the export records for `recommend`).
 The model never calls torch.distributed.
 """
 
@@ -67,7 +68,7 @@ def position_ids_for(scheme: str, items: torch.Tensor) -> torch.Tensor | None:
 
 class SeqRecModel(nn.Module):
     def __init__(self, mlm: BertForMaskedLM, tokenizer, vocab: ItemVocabulary, causal: bool, positions: str = "from_start",
-                 loaded: frozenset[str] = frozenset(), next_item: bool | None = None):
+                 loaded: frozenset[str] = frozenset(), next_item: bool | None = None, item_head: str = "transform"):
         super().__init__()
         self.mlm = mlm
         # Names (in `mlm`) of the tensors whose values came from a pretrained checkpoint.
@@ -81,6 +82,9 @@ class SeqRecModel(nn.Module):
         if self.next_item and not causal:
             raise ValueError("the next-item objective needs causal attention")
         self.positions = positions
+        self.item_head = item_head
+        if item_head == "direct":
+            mlm.cls.predictions.transform.requires_grad_(False)
 
     def position_ids(self, items: torch.Tensor) -> torch.Tensor | None:
         """What `encode` passes to BERT."""
@@ -152,14 +156,17 @@ class SeqRecModel(nn.Module):
     def item_scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores over the full item set for gathered hidden rows [..., hidden] -> [..., num_items]."""
         head = self.mlm.cls.predictions
-        transformed = head.transform(hidden)
-        return F.linear(transformed, self.item_embeddings(), head.bias[self.vocab.item_rows])
+        return F.linear(self.head_input(hidden), self.item_embeddings(), head.bias[self.vocab.item_rows])
+
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What meets the item rows: the MLM transform of `hidden`, or `hidden` itself (item_head)."""
+        return hidden if self.item_head == "direct" else self.mlm.cls.predictions.transform(hidden)
 
     def item_losses(self, hidden: torch.Tensor, labels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over the full item set of gathered hidden rows [M, hidden], labels 1..N;
         `table` is the token-embedding table or an alias of it (`_scoring_table`)."""
         head = self.mlm.cls.predictions
-        return catalog_cross_entropy(head.transform(hidden), table, head.bias, self.vocab.item_rows, labels - 1)
+        return catalog_cross_entropy(self.head_input(hidden), table, head.bias, self.vocab.item_rows, labels - 1)
 
     def save_pretrained(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None, max_len: int | None = None) -> None:
         """A plain HF directory; `state_dict` (keys as in this module's state_dict) replaces the
@@ -175,6 +182,7 @@ class SeqRecModel(nn.Module):
             "item_token_format": ITEM_TOKEN_FORMAT,
             "attention": "causal" if self.causal else "bidirectional",
             "query": "last_item" if self.next_item else "mask",
+            "head": self.item_head,
             "positions": self.positions,
             "max_len": max_len or self.max_positions,
         }, indent=2) + "\n")
@@ -232,7 +240,7 @@ def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[
         mlm.cls.predictions.bias[vocab.item_rows] = 0.0
     causal = config.attention == "causal"
     model = SeqRecModel(mlm, tokenizer, vocab, causal=causal, positions=config.positions, loaded=loaded,
-                        next_item=causal and config.causal_objective == "next_item")
+                        next_item=causal and config.causal_objective == "next_item", item_head=config.item_head)
     return model, report
 
 

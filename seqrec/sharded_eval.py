@@ -3,7 +3,7 @@
 Items are split into fixed blocks (`default_item_block`) and each rank owns a contiguous run of blocks.
 Per batch of users (the same batches on every rank):
   1. users are encoded in fixed chunks of `encode_batch`, dealt round-robin to the ranks, and the
-     user vectors (the MLM head transform at the masked tail) are summed across ranks, so every
+     user vectors (the tail states as they meet the item rows) are summed across ranks, so every
      rank holds every user's vector;
   2. each rank scores all users against its own item rows only, block by block, into a
      [users, own items] buffer (the memory bound), and excludes history items in its range;
@@ -121,7 +121,8 @@ def _trimmed(items: torch.Tensor, starts: list[int], index: int, encode_batch: i
 
 
 def _user_vectors(model: SeqRecModel, items: torch.Tensor, encode_batch: int, lockstep: bool, autocast_dtype) -> torch.Tensor:
-    """Transformed tail states of every row of `items`, computed in chunks dealt round-robin."""
+    """Tail states of every row of `items` as they meet the item rows (SeqRecModel.head_input),
+    computed in chunks dealt round-robin."""
     rank, world = _world()
     hidden_size = model.mlm.config.hidden_size
     vectors = torch.zeros(items.shape[0], hidden_size, device=items.device, dtype=torch.float32)
@@ -131,7 +132,6 @@ def _user_vectors(model: SeqRecModel, items: torch.Tensor, encode_batch: int, lo
     items = items[order]
     starts = list(range(0, items.shape[0], encode_batch))
     rounds = -(-len(starts) // world)
-    head = model.mlm.cls.predictions.transform
     embedding = model.scoring_parameters()[0]
     for turn in range(rounds):
         # ZeRO-3 gathers parameters inside forward hooks, a collective: ranks without a chunk
@@ -151,7 +151,7 @@ def _user_vectors(model: SeqRecModel, items: torch.Tensor, encode_batch: int, lo
         with torch.autocast(items.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             hidden = model.encode(chunk, embedded)
             rows = torch.arange(chunk.shape[0], device=items.device)
-            transformed = head(hidden[rows, tail_positions(chunk)]).float()
+            transformed = model.head_input(hidden[rows, tail_positions(chunk)]).float()
         if real:
             start = starts[turn * world + rank]
             vectors[order[start : start + chunk.shape[0]]] = transformed
