@@ -87,8 +87,8 @@ class ModelConfig:
     # How a hidden state meets the item rows. transform: BERT's MLM head (dense + GELU + LayerNorm,
     # then the tied rows and a bias); MiniLM ships no MLM head, so it starts random. direct: the
     # encoder's output (already layer-normalised) times the tied rows plus the bias, as SASRec
-    # scores; the transform is then frozen and unused, and exports say so (`head` in
-    # seqrec_items.json), since a plain BertForMaskedLM would still apply it.
+    # scores; the transform is then frozen and unused, and the export writes it as one that
+    # passes hidden states through, so the export stays a plain BertForMaskedLM.
     item_head: str = "transform"
     # Position ids: from_start numbers items 0, 1, ... from the oldest kept; from_end counts back
     # from the newest (0 at the tail), so "the item to predict" and "the last few items" keep

@@ -4,7 +4,8 @@ Items live in their own id space (1..N, 0 = padding, MASK_ITEM = masked); `ItemV
 maps them to token ids. Item scores reuse the MLM head: its transform, then the item rows
 of the (tied) embedding matrix and of the decoder bias. So the exported model is a plain
 `BertForMaskedLM` whose logits at item tokens are exactly the scores trained here (with
-`model.item_head: direct` the transform is skipped, which the export records for `recommend`).
+`model.item_head: direct` training skips the transform, and the export writes it as one that
+passes hidden states through: identity_transform_state).
 The model never calls torch.distributed.
 """
 
@@ -25,7 +26,7 @@ from transformers.utils import logging as hf_logging
 
 from seqrec.catalog_loss import catalog_cross_entropy
 from seqrec.config import PRETRAINED_DEFAULT, ModelConfig
-from seqrec.errors import ConfigError
+from seqrec.errors import ConfigError, SeqrecError
 from seqrec.runtime import attention_kernel
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,9 @@ class SeqRecModel(nn.Module):
         live weights, e.g. consolidated ZeRO-3 weights whose live parameters are partitioned."""
         directory = Path(directory)
         mlm_state = None if state_dict is None else {key.removeprefix("mlm."): value for key, value in state_dict.items()}
+        if self.item_head == "direct":
+            mlm_state = dict(self.mlm.state_dict() if mlm_state is None else mlm_state)
+            mlm_state.update(identity_transform_state(self.mlm, mlm_state))
         with _quiet_transformers():
             self.mlm.save_pretrained(directory, state_dict=mlm_state)
             self.tokenizer.save_pretrained(directory)
@@ -186,6 +190,34 @@ class SeqRecModel(nn.Module):
             "positions": self.positions,
             "max_len": max_len or self.max_positions,
         }, indent=2) + "\n")
+
+
+def identity_transform_state(mlm: BertForMaskedLM, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights for the (unused) MLM transform under which BERT's head passes the encoder output
+    through unchanged, so a `model.item_head: direct` export stays a plain BertForMaskedLM whose
+    item logits are the trained scores. The last layer's LayerNorm wrote h = g * n + b with n
+    normalised (mean 0, variance 1, so |n_i| <= sqrt(d - 1)); the dense layer maps h to
+    z = scale * n + offset, which keeps z where the activation is the identity to fp32
+    precision; the transform's LayerNorm then recovers n, and its weight g and bias b give h."""
+    prefix = f"bert.encoder.layer.{mlm.config.num_hidden_layers - 1}.output.LayerNorm"
+    gain, shift = state[f"{prefix}.weight"].float(), state[f"{prefix}.bias"].float()
+    if bool((gain.abs() < 1e-6).any()):
+        raise SeqrecError(f"{prefix}.weight has (near-)zero entries: a direct item head cannot be exported as a plain MLM head")
+    width = gain.shape[0]
+    scale = 4.9 / max(width - 1, 1) ** 0.5
+    activation = mlm.cls.predictions.transform.transform_act_fn
+    probe = torch.linspace(-4.9, 4.9, 2001, dtype=torch.float64)
+    offset = next((c for c in (10.5, 20.0, 40.0) if bool(((activation(probe + c) - (probe + c)).abs() <= 1e-7 * (probe + c)).all())), None)
+    if offset is None:
+        raise SeqrecError(f"hidden_act {mlm.config.hidden_act!r}: no range where it is the identity; a direct item head cannot be exported")
+    head = "cls.predictions.transform"
+    dtype = state[f"{head}.dense.weight"].dtype
+    return {
+        f"{head}.dense.weight": torch.diag(scale / gain).to(dtype),
+        f"{head}.dense.bias": (offset - scale * shift / gain).to(dtype),
+        f"{head}.LayerNorm.weight": gain.to(dtype, copy=True),
+        f"{head}.LayerNorm.bias": shift.to(dtype, copy=True),
+    }
 
 
 class _Alias(torch.autograd.Function):

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForMaskedLM
 
 from seqrec.data.prepared import ITEMS_FILE, read_tsv
@@ -48,7 +47,6 @@ class Recommender:
         # Exports from before `query` was written: causal ones were all next-item models.
         self.next_item = meta.get("query", "last_item" if meta.get("attention") == "causal" else "mask") == "last_item"
         self.position_scheme = meta.get("positions", "from_start")
-        self.direct_head = meta.get("head", "transform") == "direct"
         self.max_len = min(int(meta.get("max_len") or self.model.config.max_position_embeddings), self.model.config.max_position_embeddings)
         self.mask_token = _mask_token_id(model_dir)
         self.original_ids, self.titles = _read_items(model_dir / ITEMS_FILE, self.num_items)
@@ -75,11 +73,7 @@ class Recommender:
                 input_ids=tokens, attention_mask=(tokens != 0).long(), position_ids=position_ids_for(self.position_scheme, tokens)
             ).last_hidden_state
             gathered = hidden[torch.arange(len(tokens), device=self.device), tail_positions(tokens)]
-            head = self.model.cls.predictions
-            if self.direct_head:
-                rows = slice(self.first_token, self.first_token + self.num_items)
-                return F.linear(gathered, self.model.get_output_embeddings().weight[rows], head.bias[rows]).float()
-            return head(gathered)[:, self.first_token : self.first_token + self.num_items].float()
+            return self.model.cls.predictions(gathered)[:, self.first_token : self.first_token + self.num_items].float()
 
     def recommend(self, histories: list[list[int]], k: int, exclude_history: bool = True) -> list[list[Recommendation]]:
         keep = self.max_len if self.next_item else self.max_len - 1

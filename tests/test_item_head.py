@@ -77,6 +77,37 @@ def test_the_export_records_the_head_and_recommend_scores_as_training_does(tmp_p
     assert torch.allclose(scores, expected, atol=1e-4)
 
 
+def test_the_export_is_a_plain_masked_lm_whose_item_logits_are_the_direct_scores(tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    model = _model("direct")
+    with torch.no_grad():
+        final = model.mlm.bert.encoder.layer[-1].output.LayerNorm
+        final.weight.uniform_(0.3, 1.5)
+        final.bias.normal_()
+    model.save_pretrained(tmp_path / "model")
+    plain = AutoModelForMaskedLM.from_pretrained(tmp_path / "model").eval()
+    items = _items()
+    tokens = model.vocab.tokens(items)
+    with torch.no_grad():
+        logits = plain(input_ids=tokens, attention_mask=(items != 0).long()).logits[..., model.vocab.item_rows]
+        tails = (items != 0).sum(dim=1) - 1
+        expected = model(items, torch.arange(3) * items.shape[1] + tails)
+    assert torch.allclose(logits[torch.arange(3), tails], expected, atol=1e-4, rtol=1e-5)
+    # The live model is untouched: its transform stays frozen and unused.
+    assert not any(parameter.requires_grad for parameter in model.mlm.cls.predictions.transform.parameters())
+
+
+def test_a_final_layer_norm_with_zero_gain_cannot_be_exported_as_a_direct_head(tmp_path):
+    from seqrec.errors import SeqrecError
+
+    model = _model("direct")
+    with torch.no_grad():
+        model.mlm.bert.encoder.layer[-1].output.LayerNorm.weight[3] = 0.0
+    with pytest.raises(SeqrecError, match="near-.zero entries"):
+        model.save_pretrained(tmp_path / "model")
+
+
 def test_the_sharded_evaluator_ranks_with_the_direct_head():
     model = _model("direct")
     histories = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
