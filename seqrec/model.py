@@ -1,11 +1,11 @@
 """A pretrained BERT whose vocabulary holds one extra token per item.
 
 Items live in their own id space (1..N, 0 = padding, MASK_ITEM = masked); `ItemVocabulary`
-maps them to token ids. Item scores reuse the MLM head: its transform, then the item rows
-of the (tied) embedding matrix and of the decoder bias. So the exported model is a plain
-`BertForMaskedLM` whose logits at item tokens are exactly the scores trained here (with
-`model.item_head: direct` training skips the transform, and the export writes it as one that
-passes hidden states through: identity_transform_state).
+maps them to token ids. Item scores are the encoder's output times the item rows of the (tied)
+embedding matrix plus the decoder bias (`model.item_head: direct`; `transform` puts BERT's MLM
+transform in between). The export writes the unused transform as one that passes hidden states
+through (identity_transform_state), so the exported model is a plain `BertForMaskedLM` whose
+logits at item tokens are the scores trained here.
 The model never calls torch.distributed.
 """
 

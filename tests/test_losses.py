@@ -15,10 +15,12 @@ from seqrec.model import build_model
 NUM_ITEMS = 40
 
 
-def _model(attention="bidirectional", positions="from_start"):
+def _model(attention="bidirectional", positions="from_start", item_head="transform"):
+    """BERT's own MLM head by default, so the naive reference below is the plain HF forward."""
     torch.manual_seed(0)
     scratch = ScratchBertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    model, _ = build_model(ModelConfig(pretrained=None, scratch=scratch, attention=attention, positions=positions), NUM_ITEMS, max_len=16)
+    config = ModelConfig(pretrained=None, scratch=scratch, attention=attention, positions=positions, item_head=item_head)
+    model, _ = build_model(config, NUM_ITEMS, max_len=16)
     return model.eval()
 
 
@@ -30,16 +32,21 @@ def _items():
 
 
 def _naive_item_logits(model, inputs):
-    """The usual recipe: full MLM logits at every position, then the item columns."""
+    """The usual recipe: full MLM logits at every position, then the item columns (a direct head:
+    the last hidden states times the whole vocabulary table, plus the bias)."""
     tokens = model.vocab.tokens(inputs)
-    logits = model.mlm(input_ids=tokens, attention_mask=(inputs != 0).long(), position_ids=model.position_ids(inputs)).logits
+    out = model.mlm(input_ids=tokens, attention_mask=(inputs != 0).long(), position_ids=model.position_ids(inputs), output_hidden_states=True)
+    logits = out.logits
+    if model.item_head == "direct":
+        table = model.mlm.get_input_embeddings().weight
+        logits = out.hidden_states[-1] @ table.T + model.mlm.cls.predictions.bias
     assert logits.shape[-1] == model.vocab.first_item_token + NUM_ITEMS
     return logits[..., model.vocab.item_rows]
 
 
-@pytest.mark.parametrize("positions", ["from_start", "from_end"])
-def test_masked_and_tail_losses_equal_naive_reference(positions):
-    model = _model(positions=positions)
+@pytest.mark.parametrize("positions, item_head", [("from_start", "transform"), ("from_end", "transform"), ("from_start", "direct")])
+def test_masked_and_tail_losses_equal_naive_reference(positions, item_head):
+    model = _model(positions=positions, item_head=item_head)
     items, lengths = _items()
     batch = mask_items(items, 0.3, torch.Generator().manual_seed(2))
     parts = masked_item_loss(model, batch, tail_weight=0.7, masked_weight=1.3)
