@@ -77,9 +77,8 @@ class MaskedItemObjective(nn.Module):
         """`draws` [views * B, L]: one uniform draw per position of every view."""
         if self.model.next_item:
             return causal_loss_sums(self.model, items)
-        if self.views == 1:
-            return masked_loss_sums(self.model, mask_from_draws(items, draws, self.mask_prob, self.tail_only_prob))
-        batch = mask_from_draws(items.repeat(self.views, 1), draws, self.mask_prob, self.tail_only_prob)
+        rows = items if self.views == 1 else items.repeat(self.views, 1)
+        batch = mask_from_draws(rows, draws, self.mask_prob, self.tail_only_prob)
         return masked_loss_sums(self.model, batch, self.views, self.temperature)
 
 
@@ -92,11 +91,12 @@ def masked_loss_sums(model: SeqRecModel, batch: MaskedBatch, views: int = 1, tem
     others[rows, batch.tail] = False
     positions = torch.cat([rows * length + batch.tail, torch.nonzero(others.flatten()).flatten()])
     labels = batch.labels.flatten()[positions]
+    contrastive = None
     if views == 1:
         losses = model(batch.inputs, positions, labels)
-        return LossSums(losses[:batch_size].mean(), losses.sum(), _count(losses), losses.shape[0])
-    losses, tails = model(batch.inputs, positions, labels, hidden_rows=batch_size)
-    contrastive = view_contrast_loss(tails, views, temperature)
+    else:
+        losses, tails = model(batch.inputs, positions, labels, hidden_rows=batch_size)
+        contrastive = view_contrast_loss(tails, views, temperature)
     return LossSums(losses[:batch_size].mean(), losses.sum(), _count(losses), losses.shape[0], contrastive)
 
 

@@ -2,9 +2,10 @@
 
 Loads only safe formats: the weights from safetensors (a directory without them is refused).
 Each history (most recent `max_len - 1` items kept) gets a mask token appended (next-item models,
-`query: last_item` in seqrec_items.json: scored at the last item), is encoded by the plain `BertForMaskedLM` (with position ids counted
-back from the tail where the model was trained so, `positions` in seqrec_items.json), and its MLM
-logits at the item tokens rank the full catalogue; history items are excluded unless asked otherwise.
+`query: last_item` in seqrec_items.json: scored at the last item), is encoded by the plain
+`BertForMaskedLM` (with position ids counted back from the tail where the model was trained so,
+`positions` in seqrec_items.json), and its MLM logits at the item tokens rank the full catalogue;
+history items are excluded unless asked otherwise.
 """
 
 from __future__ import annotations
