@@ -69,7 +69,8 @@ def position_ids_for(scheme: str, items: torch.Tensor) -> torch.Tensor | None:
 
 class SeqRecModel(nn.Module):
     def __init__(self, mlm: BertForMaskedLM, tokenizer, vocab: ItemVocabulary, causal: bool, positions: str = "from_start",
-                 loaded: frozenset[str] = frozenset(), next_item: bool | None = None, item_head: str = "transform"):
+                 loaded: frozenset[str] = frozenset(), next_item: bool | None = None, item_head: str = "transform",
+                 query: str = "mask"):
         super().__init__()
         self.mlm = mlm
         # Names (in `mlm`) of the tensors whose values came from a pretrained checkpoint.
@@ -84,6 +85,9 @@ class SeqRecModel(nn.Module):
             raise ValueError("the next-item objective needs causal attention")
         self.positions = positions
         self.item_head = item_head
+        if query == "mask_and_previous" and self.next_item:
+            raise ValueError("mask_and_previous queries a mask token; the next-item objective queries the last item")
+        self.query = query
         if item_head == "direct":
             mlm.cls.predictions.transform.requires_grad_(False)
 
@@ -116,9 +120,21 @@ class SeqRecModel(nn.Module):
         """
         scoring_table = None if labels is None else self._scoring_table()
         hidden = self.encode(items)
-        gathered = hidden.reshape(-1, hidden.shape[-1])[positions]
+        gathered = self.query_states(hidden, positions)
         result = self.item_scores(gathered) if labels is None else self.item_losses(gathered, labels, scoring_table)
         return (result, gathered[:hidden_rows]) if hidden_rows else result
+
+    def query_states(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The states [M, hidden] that are scored for flat `positions` into hidden's [B, L]: the
+        position's own, plus with `query: mask_and_previous` the state of the position before it
+        in the same row (none at position 0), a direct path from the most recent item to the
+        scores, as SASRec's query (the last item's own state) has through its residual stream."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        states = flat[positions]
+        if self.query == "mask_and_previous":
+            has_previous = positions % hidden.shape[1] != 0
+            states = states + flat[positions - has_previous.long()] * has_previous.unsqueeze(1).to(states.dtype)
+        return states
 
     def _scoring_table(self) -> torch.Tensor:
         """The tied table as the scoring reads it. With a sparse lookup gradient (CPU), an alias
@@ -185,7 +201,7 @@ class SeqRecModel(nn.Module):
             "first_item_token": self.vocab.first_item_token,
             "item_token_format": ITEM_TOKEN_FORMAT,
             "attention": "causal" if self.causal else "bidirectional",
-            "query": "last_item" if self.next_item else "mask",
+            "query": "last_item" if self.next_item else self.query,
             "head": self.item_head,
             "positions": self.positions,
             "max_len": max_len or self.max_positions,
@@ -272,7 +288,8 @@ def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[
         mlm.cls.predictions.bias[vocab.item_rows] = 0.0
     causal = config.attention == "causal"
     model = SeqRecModel(mlm, tokenizer, vocab, causal=causal, positions=config.positions, loaded=loaded,
-                        next_item=causal and config.causal_objective == "next_item", item_head=config.item_head)
+                        next_item=causal and config.causal_objective == "next_item", item_head=config.item_head,
+                        query=config.query)
     return model, report
 
 

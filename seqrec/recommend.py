@@ -5,7 +5,8 @@ Each history (most recent `max_len - 1` items kept) gets a mask token appended (
 `query: last_item` in seqrec_items.json: scored at the last item), is encoded by the plain
 `BertForMaskedLM` (with position ids counted back from the tail where the model was trained so,
 `positions` in seqrec_items.json), and its MLM logits at the item tokens rank the full catalogue;
-history items are excluded unless asked otherwise.
+history items are excluded unless asked otherwise. With `query: mask_and_previous` the MLM head
+reads the mask token's last hidden state plus the one of the position before it.
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ class Recommender:
         self.first_token = int(meta["first_item_token"])
         self.num_items = int(meta["num_items"])
         # Exports from before `query` was written: causal ones were all next-item models.
-        self.next_item = meta.get("query", "last_item" if meta.get("attention") == "causal" else "mask") == "last_item"
+        query = meta.get("query", "last_item" if meta.get("attention") == "causal" else "mask")
+        self.next_item = query == "last_item"
+        self.add_previous = query == "mask_and_previous"
+        # Exports from before `head` was written all went through the MLM transform.
+        self.direct_head = meta.get("head", "transform") == "direct"
         self.position_scheme = meta.get("positions", "from_start")
         self.max_len = min(int(meta.get("max_len") or self.model.config.max_position_embeddings), self.model.config.max_position_embeddings)
         self.mask_token = _mask_token_id(model_dir)
@@ -73,8 +78,17 @@ class Recommender:
             hidden = self.model.bert(
                 input_ids=tokens, attention_mask=(tokens != 0).long(), position_ids=position_ids_for(self.position_scheme, tokens)
             ).last_hidden_state
-            gathered = hidden[torch.arange(len(tokens), device=self.device), tail_positions(tokens)]
-            return self.model.cls.predictions(gathered)[:, self.first_token : self.first_token + self.num_items].float()
+            rows, tails = torch.arange(len(tokens), device=self.device), tail_positions(tokens)
+            gathered = hidden[rows, tails]
+            if self.add_previous:
+                gathered = gathered + hidden[rows, (tails - 1).clamp_min(0)] * (tails > 0).unsqueeze(1).to(gathered.dtype)
+            item_tokens = slice(self.first_token, self.first_token + self.num_items)
+            if self.direct_head:
+                # The export's pass-through transform holds only for a final LayerNorm's output,
+                # which a sum of two states is not; the direct head never needs it anyway.
+                head = self.model.cls.predictions
+                return torch.nn.functional.linear(gathered, head.decoder.weight[item_tokens], head.bias[item_tokens]).float()
+            return self.model.cls.predictions(gathered)[:, item_tokens].float()
 
     def recommend(self, histories: list[list[int]], k: int, exclude_history: bool = True) -> list[list[Recommendation]]:
         keep = self.max_len if self.next_item else self.max_len - 1

@@ -151,7 +151,7 @@ def _user_vectors(model: SeqRecModel, items: torch.Tensor, encode_batch: int, lo
         with torch.autocast(items.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             hidden = model.encode(chunk, embedded)
             rows = torch.arange(chunk.shape[0], device=items.device)
-            transformed = model.head_input(hidden[rows, tail_positions(chunk)]).float()
+            transformed = model.head_input(model.query_states(hidden, rows * chunk.shape[1] + tail_positions(chunk))).float()
         if real:
             start = starts[turn * world + rank]
             vectors[order[start : start + chunk.shape[0]]] = transformed
