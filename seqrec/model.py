@@ -1,11 +1,13 @@
 """A pretrained BERT whose vocabulary holds one extra token per item.
 
 Items live in their own id space (1..N, 0 = padding, MASK_ITEM = masked); `ItemVocabulary`
-maps them to token ids. Item scores are the encoder's output times the item rows of the (tied)
-embedding matrix plus the decoder bias (`model.item_head: direct`; `transform` puts BERT's MLM
-transform in between). The export writes the unused transform as one that passes hidden states
-through (identity_transform_state), so the exported model is a plain `BertForMaskedLM` whose
-logits at item tokens are the scores trained here.
+maps them to token ids. Item scores are the encoder's output at the queried position (with
+`model.query: mask_and_previous`, plus the output at the position before it) times the item rows
+of the (tied) embedding matrix plus the decoder bias (`model.item_head: direct`; `transform`
+puts BERT's MLM transform in between). The export writes the unused transform as one that
+passes hidden states through (identity_transform_state), so the exported model is a plain
+`BertForMaskedLM`; under `model.query: mask` its logits at item tokens are the scores trained
+here, and its `seqrec_items.json` records the query for `seqrec recommend`.
 The model never calls torch.distributed.
 """
 
@@ -287,9 +289,10 @@ def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[
     with torch.no_grad():
         mlm.cls.predictions.bias[vocab.item_rows] = 0.0
     causal = config.attention == "causal"
+    next_item = causal and config.causal_objective == "next_item"
+    # A next-item model has no mask token to query: its query is the last item's own state.
     model = SeqRecModel(mlm, tokenizer, vocab, causal=causal, positions=config.positions, loaded=loaded,
-                        next_item=causal and config.causal_objective == "next_item", item_head=config.item_head,
-                        query=config.query)
+                        next_item=next_item, item_head=config.item_head, query="mask" if next_item else config.query)
     return model, report
 
 

@@ -55,7 +55,7 @@ def test_the_objective_trains_masked_positions_and_the_tail_not_every_next_item(
 
 
 def test_the_export_says_how_the_model_is_queried(tmp_path):
-    for objective, query in (("masked", "mask"), ("next_item", "last_item")):
+    for objective, query in (("masked", "mask_and_previous"), ("next_item", "last_item")):
         _model(objective).save_pretrained(tmp_path / objective)
         assert json.loads((tmp_path / objective / ITEMS_META_FILE).read_text())["query"] == query
 

@@ -73,10 +73,11 @@ def test_objective_with_views_adds_their_contrast_to_every_views_masked_terms():
     model, items = _model(), _items()
     draws = torch.rand((2 * items.shape[0], items.shape[1]), generator=torch.Generator().manual_seed(2))
     sums = MaskedItemObjective(model, 0.3, views=2, temperature=0.25)(items, draws)
-    # The same numbers by hand: the two views as one batch, their tails' encoder states contrasted.
+    # The same numbers by hand: the two views as one batch, the states scored at their tails
+    # (the model's query) contrasted.
     batch = mask_from_draws(items.repeat(2, 1), draws, 0.3)
     plain = masked_loss_sums(model, batch)
-    tails = model.encode(batch.inputs)[torch.arange(10), batch.tail]
+    tails = model.query_states(model.encode(batch.inputs), torch.arange(10) * items.shape[1] + batch.tail)
     assert sums.masked_sum.item() == pytest.approx(plain.masked_sum.item(), rel=1e-5)
     assert sums.tail_mean.item() == pytest.approx(plain.tail_mean.item(), rel=1e-5)
     assert sums.contrastive_mean.item() == pytest.approx(view_contrast_loss(tails, 2, 0.25).item(), rel=1e-5)

@@ -26,7 +26,7 @@ NUM_ITEMS = 25
 def _model(item_head: str):
     torch.manual_seed(0)
     scratch = ScratchBertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    model, _ = build_model(ModelConfig(pretrained=None, scratch=scratch, item_head=item_head, dropout=0.0), NUM_ITEMS, max_len=12)
+    model, _ = build_model(ModelConfig(pretrained=None, scratch=scratch, item_head=item_head, query="mask", dropout=0.0), NUM_ITEMS, max_len=12)
     with torch.no_grad():
         model.mlm.cls.predictions.bias.normal_()
     return model.eval()

@@ -19,7 +19,7 @@ def _model(attention="bidirectional", positions="from_start", item_head="transfo
     """BERT's own MLM head by default, so the naive reference below is the plain HF forward."""
     torch.manual_seed(0)
     scratch = ScratchBertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    config = ModelConfig(pretrained=None, scratch=scratch, attention=attention, positions=positions, item_head=item_head)
+    config = ModelConfig(pretrained=None, scratch=scratch, attention=attention, positions=positions, item_head=item_head, query="mask")
     model, _ = build_model(config, NUM_ITEMS, max_len=16)
     return model.eval()
 

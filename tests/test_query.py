@@ -56,12 +56,14 @@ def test_the_evaluator_scores_the_same_states_as_the_model():
     assert metrics["MRR"] == pytest.approx((1.0 / ranks.float()).mean().item(), abs=1e-6)
 
 
-def test_query_is_validated():
+def test_query_is_validated_and_next_item_models_query_their_last_item():
     with pytest.raises(ConfigError, match="model.query: must be one of mask, mask_and_previous"):
         load_config(REPO / "configs" / "tiny.yaml", ["model.query=previous"])
-    with pytest.raises(ConfigError, match="model.query"):
-        load_config(REPO / "configs" / "tiny.yaml", ["model.query=mask_and_previous", "model.attention=causal"])
-    load_config(REPO / "configs" / "tiny.yaml", ["model.query=mask_and_previous", "model.attention=causal", "model.causal_objective=masked"])
+    assert load_config(REPO / "configs" / "tiny.yaml", []).model.query == "mask_and_previous"
+    scratch = ScratchBertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    for objective, query in (("next_item", "mask"), ("masked", "mask_and_previous")):
+        config = ModelConfig(pretrained=None, scratch=scratch, attention="causal", causal_objective=objective, query="mask_and_previous")
+        assert build_model(config, NUM_ITEMS, max_len=12)[0].query == query
 
 
 def test_the_export_records_the_query_and_recommend_scores_as_training_does(tmp_path):
