@@ -5,8 +5,8 @@ Each history (most recent `max_len - 1` items kept) gets a mask token appended (
 `query: last_item` in seqrec_items.json: scored at the last item), is encoded by the plain
 `BertForMaskedLM` (with position ids counted back from the tail where the model was trained so,
 `positions` in seqrec_items.json), and its MLM logits at the item tokens rank the full catalogue;
-history items are excluded unless asked otherwise. With `query: mask_and_previous` the MLM head
-reads the mask token's last hidden state plus the one of the position before it.
+history items are excluded unless asked otherwise. With `query: mask_and_previous` the scored
+state is the mask token's last hidden state plus the one of the position before it.
 """
 
 from __future__ import annotations

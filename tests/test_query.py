@@ -12,6 +12,7 @@ from seqrec.data.split import EvalSet
 from seqrec.errors import ConfigError
 from seqrec.evaluate import evaluate_model, history_batches, model_scorer
 from seqrec.model import MASK_ITEM, build_model
+from seqrec.sharded_eval import _user_vectors
 from tests.conftest import REPO
 
 NUM_ITEMS = 25
@@ -54,6 +55,11 @@ def test_the_evaluator_scores_the_same_states_as_the_model():
     for k in (1, 5, 10):
         assert metrics[f"HR@{k}"] == pytest.approx((ranks <= k).float().mean().item())
     assert metrics["MRR"] == pytest.approx((1.0 / ranks.float()).mean().item(), abs=1e-6)
+    # The evaluator's user vectors themselves: the mask token's state plus the last item's.
+    hidden = model.encode(items)
+    tails = (items != 0).sum(dim=1) - 1
+    expected = hidden[torch.arange(3), tails] + hidden[torch.arange(3), tails - 1]
+    assert torch.allclose(_user_vectors(model, items, 2, False, None), expected, atol=1e-5)
 
 
 def test_query_is_validated_and_next_item_models_query_their_last_item():
