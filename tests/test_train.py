@@ -35,9 +35,9 @@ def _config(dataset, run_dir, *overrides):
 def test_masked_recipe_learns_far_beyond_popularity(small_dataset, tmp_path):
     result = run(_config(small_dataset, tmp_path / "run", "train.epochs=12", "data.max_len=30"))
     metrics = result.metrics
-    # 1.77x here with the direct head (over 2x through BERT's MLM transform, which this tiny random
-    # model learns faster with; on the real datasets direct is level or ahead).
-    assert metrics["test"]["NDCG@10"] > 1.5 * metrics["popularity"]["test"]["NDCG@10"]
+    # 2.75x here with the default query (the mask token's state plus the last item's); 1.77x
+    # with the mask token's state alone.
+    assert metrics["test"]["NDCG@10"] > 2.0 * metrics["popularity"]["test"]["NDCG@10"]
     assert metrics["beats_popularity"] is True
     assert metrics["valid"]["NDCG@10"] > 0
     for name in ("metrics.json", "metrics.jsonl", "config.yaml", "item_init.json", "model/model.safetensors", "model/seqrec_items.json"):
@@ -61,6 +61,7 @@ def test_causal_masked_training_learns_and_its_export_is_queried_alike(small_dat
                  "train.precision=fp32")
     config = _config(small_dataset, tmp_path / "run", *overrides)
     metrics = run(config).metrics
+    print("RATIO", metrics["test"]["NDCG@10"] / metrics["popularity"]["test"]["NDCG@10"])
     assert metrics["test"]["NDCG@10"] > 1.5 * metrics["popularity"]["test"]["NDCG@10"]
     assert all(row["loss_tail"] > 0 for row in read_history(tmp_path / "run") if "loss" in row)
     # The deployed directory is queried through an appended mask token, as the training evaluator was.
@@ -87,9 +88,11 @@ def test_prefix_cutting_reaches_the_trained_batches(small_dataset, tmp_path, mon
 
 
 def test_max_steps_and_early_stopping_bound_the_run(small_dataset, tmp_path, caplog):
-    result = run(_config(small_dataset, tmp_path / "run", "train.epochs=50", "train.max_steps=3", "train.log_every=1"))
+    # Three steps at a rate too small to move the weights (at the tiny config's own rate, three
+    # steps already beat popularity on this data): the run says it stayed at the popularity level.
+    overrides = ("train.epochs=50", "train.max_steps=3", "train.log_every=1", "optim.lr=1e-7")
+    result = run(_config(small_dataset, tmp_path / "run", *overrides))
     assert result.metrics["steps"] == 3 and result.metrics["epochs_run"] == 1
-    # Three steps teach nothing: the run says it stayed at the popularity level.
     assert result.metrics["beats_popularity"] is False
     assert "does not beat the popularity baseline" in caplog.text
     assert [row["step"] for row in read_history(tmp_path / "run") if "loss" in row] == [1, 2, 3]
