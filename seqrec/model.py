@@ -69,6 +69,20 @@ def position_ids_for(scheme: str, items: torch.Tensor) -> torch.Tensor | None:
     return positions_from_end(items) if scheme == "from_end" else None
 
 
+def scored_states(hidden: torch.Tensor, positions: torch.Tensor, add_previous: bool) -> torch.Tensor:
+    """The states [M, hidden] that are scored for flat `positions` into hidden's [B, L]: the
+    position's own, plus with `add_previous` the state of the position before it in the same row
+    (none at position 0), a direct path from the most recent item to the scores, as SASRec's
+    query (the last item's own state) has through its residual stream. Training, evaluation and
+    `seqrec recommend` (on the exported plain BERT) all score these."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    states = flat[positions]
+    if add_previous:
+        has_previous = positions % hidden.shape[1] != 0
+        states = states + flat[positions - has_previous.long()] * has_previous.unsqueeze(1).to(states.dtype)
+    return states
+
+
 class SeqRecModel(nn.Module):
     def __init__(self, mlm: BertForMaskedLM, tokenizer, vocab: ItemVocabulary, causal: bool, positions: str = "from_start",
                  loaded: frozenset[str] = frozenset(), next_item: bool | None = None, item_head: str = "transform",
@@ -127,16 +141,8 @@ class SeqRecModel(nn.Module):
         return (result, gathered[:hidden_rows]) if hidden_rows else result
 
     def query_states(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The states [M, hidden] that are scored for flat `positions` into hidden's [B, L]: the
-        position's own, plus with `query: mask_and_previous` the state of the position before it
-        in the same row (none at position 0), a direct path from the most recent item to the
-        scores, as SASRec's query (the last item's own state) has through its residual stream."""
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        states = flat[positions]
-        if self.query == "mask_and_previous":
-            has_previous = positions % hidden.shape[1] != 0
-            states = states + flat[positions - has_previous.long()] * has_previous.unsqueeze(1).to(states.dtype)
-        return states
+        """The states [M, hidden] scored for flat `positions` into hidden's [B, L] (`model.query`)."""
+        return scored_states(hidden, positions, add_previous=self.query == "mask_and_previous")
 
     def _scoring_table(self) -> torch.Tensor:
         """The tied table as the scoring reads it. With a sparse lookup gradient (CPU), an alias

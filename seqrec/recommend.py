@@ -22,7 +22,7 @@ from seqrec.data.prepared import ITEMS_FILE, read_tsv
 from seqrec.errors import InputError, SeqrecError
 from seqrec.export import read_items_meta
 from seqrec.masking import tail_positions
-from seqrec.model import MASK_ITEM, _quiet_transformers, position_ids_for
+from seqrec.model import MASK_ITEM, _quiet_transformers, position_ids_for, scored_states
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,8 @@ class Recommender:
             hidden = self.model.bert(
                 input_ids=tokens, attention_mask=(tokens != 0).long(), position_ids=position_ids_for(self.position_scheme, tokens)
             ).last_hidden_state
-            rows, tails = torch.arange(len(tokens), device=self.device), tail_positions(tokens)
-            gathered = hidden[rows, tails]
-            if self.add_previous:
-                gathered = gathered + hidden[rows, (tails - 1).clamp_min(0)] * (tails > 0).unsqueeze(1).to(gathered.dtype)
+            rows = torch.arange(len(tokens), device=self.device)
+            gathered = scored_states(hidden, rows * hidden.shape[1] + tail_positions(tokens), self.add_previous)
             item_tokens = slice(self.first_token, self.first_token + self.num_items)
             if self.direct_head:
                 # The export's pass-through transform holds only for a final LayerNorm's output,

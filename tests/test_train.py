@@ -61,7 +61,6 @@ def test_causal_masked_training_learns_and_its_export_is_queried_alike(small_dat
                  "train.precision=fp32")
     config = _config(small_dataset, tmp_path / "run", *overrides)
     metrics = run(config).metrics
-    print("RATIO", metrics["test"]["NDCG@10"] / metrics["popularity"]["test"]["NDCG@10"])
     assert metrics["test"]["NDCG@10"] > 1.5 * metrics["popularity"]["test"]["NDCG@10"]
     assert all(row["loss_tail"] > 0 for row in read_history(tmp_path / "run") if "loss" in row)
     # The deployed directory is queried through an appended mask token, as the training evaluator was.
