@@ -21,6 +21,10 @@ relative, 0.004 in loss) besides the scores' own, and the bias is added in bf16 
 with the bias folded in ran far slower on CPU). It is capped at -log of the smallest normal
 float (87.3), which only a label scored 87 nats below the row's best reaches. Gradients come
 from the stored probabilities, as before.
+
+Optionally each row's softmax leaves out given items other than its label (`excluded`): their
+scores become -inf before the softmax, so their probabilities, and with them their gradients,
+are exactly zero. The cost is two scatters of M x K entries into the M x N matrix.
 """
 
 from __future__ import annotations
@@ -29,27 +33,32 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
-def catalog_cross_entropy(hidden: torch.Tensor, table: torch.Tensor, bias: torch.Tensor, rows: slice, labels: torch.Tensor) -> torch.Tensor:
+def catalog_cross_entropy(hidden: torch.Tensor, table: torch.Tensor, bias: torch.Tensor, rows: slice, labels: torch.Tensor,
+                          excluded: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row losses [M] (fp32) of `hidden` [M, H] scored against `table[rows]` + `bias[rows]`,
     labels in 0..N-1 (offsets into `rows`). Gradients reach the whole `table` and `bias` (zero
     outside `rows`), so a tied embedding matrix needs no separate slice backward.
-    Under autocast the matmuls run in the autocast dtype, as `F.linear` would."""
+    Under autocast the matmuls run in the autocast dtype, as `F.linear` would.
+    `excluded` [M, K] (offsets into `rows`, negative = none) lists items each row's softmax
+    leaves out; a row's own label is never left out."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = torch.promote_types(hidden.dtype, table.dtype)
-    return _CatalogCrossEntropy.apply(hidden, table, bias, labels, rows.start, rows.stop, compute_dtype)
+    return _CatalogCrossEntropy.apply(hidden, table, bias, labels, rows.start, rows.stop, compute_dtype, excluded)
 
 
 class _CatalogCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, table, bias, labels, start, stop, compute_dtype):
+    def forward(ctx, hidden, table, bias, labels, start, stop, compute_dtype, excluded=None):
         with torch.autocast(hidden.device.type, enabled=False):
             weight = table[start:stop].to(compute_dtype)
             features = hidden.to(compute_dtype)
             scores = features @ weight.t()
             scores += bias[start:stop].to(compute_dtype)
+            if excluded is not None:
+                _exclude(scores, excluded, labels)
             # In place: the kernel reads each row whole before it writes it (CPU and CUDA alike;
             # tests/test_catalog_loss.py holds it to the out-of-place result).
             probabilities = torch._softmax(scores, 1, False, out=scores)
@@ -76,7 +85,17 @@ class _CatalogCrossEntropy(torch.autograd.Function):
                 grad_table = _embed_rows(residual.t() @ scaled_features, start, stop, table_shape, table_dtype)
             if ctx.needs_input_grad[2]:
                 grad_bias = _embed_rows((residual.t() @ scale.to(residual.dtype)).squeeze(1), start, stop, bias_shape, bias_dtype)
-        return grad_hidden, grad_table, grad_bias, None, None, None, None
+        return grad_hidden, grad_table, grad_bias, None, None, None, None, None
+
+
+def _exclude(scores: torch.Tensor, excluded: torch.Tensor, labels: torch.Tensor) -> None:
+    """Sets scores[m, excluded[m, k]] to -inf in place, except at each row's label. Empty slots
+    (negative) point at the label, whose score is written back last."""
+    label_columns = labels.unsqueeze(1)
+    label_scores = scores.gather(1, label_columns)
+    columns = torch.where(excluded >= 0, excluded, label_columns)
+    scores.scatter_(1, columns, float("-inf"))
+    scores.scatter_(1, label_columns, label_scores)
 
 
 def _embed_rows(values: torch.Tensor, start: int, stop: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:

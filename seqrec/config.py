@@ -174,6 +174,13 @@ class LossConfig:
     # the masked history seems to act as useful noise for the tail loss too. Beauty at the current
     # default (tail_weight 0, 45 minutes on one core): 0.25 gave 0.0203 against 0.0205.
     tail_only_prob: float = 0.0
+    # Leave each training position's own row (the user's other items) out of its softmax, as
+    # evaluation leaves the history out of the ranking (eval.exclude_history) and as SASRec draws
+    # its negatives from outside the user's sequence. The query adds the previous item's state
+    # (model.query), whose own row scores that item high: without this, training spends effort
+    # pushing seen items down, which ranking never asks for. Both objectives; a row's label is
+    # never left out.
+    exclude_row_items: bool = False
     # Weight of the contrast between masked views of each row (seqrec.contrastive; bidirectional
     # models only): every row is masked `contrastive_views` times, all views train the masked
     # and tail terms, and NT-Xent over the views' tail states (cosine / temperature) is added at

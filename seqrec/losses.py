@@ -64,7 +64,7 @@ class MaskedItemObjective(nn.Module):
     """The training forward pass as one module (what an engine wraps): mask, encode, score, CE."""
 
     def __init__(self, model: SeqRecModel, mask_prob: float, tail_only_prob: float = 0.0, views: int = 1,
-                 temperature: float = 0.2):
+                 temperature: float = 0.2, exclude_row_items: bool = False):
         super().__init__()
         self.model = model
         self.mask_prob = mask_prob
@@ -72,30 +72,34 @@ class MaskedItemObjective(nn.Module):
         # Masked views per row (bidirectional only): > 1 adds the contrast between them.
         self.views = 1 if model.next_item else views
         self.temperature = temperature
+        self.exclude_row_items = exclude_row_items
 
     def forward(self, items: torch.Tensor, draws: torch.Tensor) -> LossSums:
         """`draws` [views * B, L]: one uniform draw per position of every view."""
         if self.model.next_item:
-            return causal_loss_sums(self.model, items)
+            return causal_loss_sums(self.model, items, self.exclude_row_items)
         rows = items if self.views == 1 else items.repeat(self.views, 1)
         batch = mask_from_draws(rows, draws, self.mask_prob, self.tail_only_prob)
-        return masked_loss_sums(self.model, batch, self.views, self.temperature)
+        return masked_loss_sums(self.model, batch, self.views, self.temperature, rows if self.exclude_row_items else None)
 
 
-def masked_loss_sums(model: SeqRecModel, batch: MaskedBatch, views: int = 1, temperature: float = 0.2) -> LossSums:
+def masked_loss_sums(model: SeqRecModel, batch: MaskedBatch, views: int = 1, temperature: float = 0.2,
+                     row_items: torch.Tensor | None = None) -> LossSums:
     """Rows of `batch` are `views` masked copies of the same rows, view-major; with views > 1,
-    the tails' hidden states are contrasted (seqrec.contrastive)."""
+    the tails' hidden states are contrasted (seqrec.contrastive). With `row_items` (the unmasked
+    rows), each masked position's softmax leaves out its row's other items."""
     batch_size, length = batch.inputs.shape
     rows = torch.arange(batch_size, device=batch.inputs.device)
     others = batch.labels != IGNORE_LABEL
     others[rows, batch.tail] = False
     positions = torch.cat([rows * length + batch.tail, torch.nonzero(others.flatten()).flatten()])
     labels = batch.labels.flatten()[positions]
+    excluded = None if row_items is None else row_items[positions // length]
     contrastive = None
     if views == 1:
-        losses = model(batch.inputs, positions, labels)
+        losses = model(batch.inputs, positions, labels, excluded=excluded)
     else:
-        losses, tails = model(batch.inputs, positions, labels, hidden_rows=batch_size)
+        losses, tails = model(batch.inputs, positions, labels, hidden_rows=batch_size, excluded=excluded)
         contrastive = view_contrast_loss(tails, views, temperature)
     return LossSums(losses[:batch_size].mean(), losses.sum(), _count(losses), losses.shape[0], contrastive)
 
@@ -111,9 +115,11 @@ def masked_item_loss(model: SeqRecModel, batch: MaskedBatch, tail_weight: float,
     return masked_loss_sums(model, batch).combine(LossWeights(tail_weight, masked_weight))
 
 
-def causal_loss_sums(model: SeqRecModel, items: torch.Tensor) -> LossSums:
+def causal_loss_sums(model: SeqRecModel, items: torch.Tensor, exclude_row_items: bool = False) -> LossSums:
     """SASRec-style baseline: every position predicts the item after it, full cross-entropy.
-    All of it is reported as the `masked` term (positions vary per row); `tail` mirrors it."""
+    All of it is reported as the `masked` term (positions vary per row); `tail` mirrors it.
+    With `exclude_row_items`, each position's softmax leaves out its row's other items (SASRec's
+    own negatives are drawn from items outside the user's sequence)."""
     targets = torch.roll(items, -1, dims=1)
     targets[:, -1] = 0
     # The tail has no next item, so it is dropped from the input, except in one-item rows:
@@ -124,7 +130,8 @@ def causal_loss_sums(model: SeqRecModel, items: torch.Tensor) -> LossSums:
     inputs[rows, tail] = torch.where(tail > 0, torch.zeros_like(tail), items[rows, tail])
     valid = (inputs != 0) & (targets != 0)
     positions = torch.nonzero(valid.flatten()).flatten()
-    losses = model(inputs, positions, targets.flatten()[positions])
+    excluded = items[positions // items.shape[1]] if exclude_row_items else None
+    losses = model(inputs, positions, targets.flatten()[positions], excluded=excluded)
     return LossSums(torch.zeros((), device=losses.device), losses.sum(), _count(losses), losses.shape[0])
 
 

@@ -112,3 +112,37 @@ def test_a_label_scored_far_below_the_rest_gives_a_capped_loss_and_a_finite_grad
     loss.sum().backward()
     assert all(torch.isfinite(leaf.grad).all() for leaf in (hidden, table, bias))
     assert hidden.grad.tolist() == [[120.0, 120.0]]  # (softmax - one_hot) = (1, -1), times the rows
+
+
+def test_excluded_items_leave_the_softmax_but_the_label_stays():
+    generator = torch.Generator().manual_seed(1)
+    excluded = torch.randint(0, ITEMS, (ROWS, 6), generator=generator)
+    excluded[:, 0] = -1  # empty slot
+    fused_inputs, reference_inputs = _inputs(), _inputs()
+    labels = fused_inputs[3]
+    excluded[:, 1] = labels  # a row's label listed among its items is still scored
+    weights = torch.linspace(0.5, 2.0, ROWS)
+    fused = catalog_cross_entropy(*fused_inputs[:3], ITEM_ROWS, labels, excluded)
+
+    hidden, table, bias, _ = reference_inputs
+    logits = F.linear(hidden, table[ITEM_ROWS], bias[ITEM_ROWS]).float()
+    left_out = torch.zeros(ROWS, ITEMS, dtype=torch.bool)
+    for row in range(ROWS):
+        for item in excluded[row].tolist():
+            if item >= 0 and item != labels[row]:
+                left_out[row, item] = True
+    assert left_out.any()
+    reference = F.cross_entropy(logits.masked_fill(left_out, float("-inf")), labels, reduction="none")
+    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6)
+    assert (fused < _reference(*_inputs())).all()  # fewer competitors, lower loss
+    (fused * weights).sum().backward()
+    (reference * weights).sum().backward()
+    for ours, theirs in zip(fused_inputs[:3], reference_inputs[:3]):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-6)
+    # A left-out item gets no gradient from the rows that left it out.
+    only_row = torch.zeros(ROWS)
+    only_row[0] = 1.0
+    hidden0, table0, bias0, _ = _inputs()
+    (catalog_cross_entropy(hidden0, table0, bias0, ITEM_ROWS, labels, excluded) * only_row).sum().backward()
+    dropped = left_out[0].nonzero().flatten() + ITEM_ROWS.start
+    assert bias0.grad[dropped].eq(0).all() and table0.grad[dropped].eq(0).all()

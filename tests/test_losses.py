@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from seqrec.config import ModelConfig, ScratchBertConfig
-from seqrec.losses import causal_next_item_loss, masked_item_loss
-from seqrec.masking import IGNORE_LABEL, mask_items
+from seqrec.losses import MaskedItemObjective, causal_loss_sums, causal_next_item_loss, masked_item_loss
+from seqrec.masking import IGNORE_LABEL, mask_from_draws, mask_items
 from seqrec.model import build_model
 
 NUM_ITEMS = 40
@@ -66,7 +66,7 @@ def test_only_masked_positions_are_scored_and_the_vocabulary_head_never_runs():
     batch = mask_items(items, 0.3, torch.Generator().manual_seed(3))
     shapes = []
     original = model.item_losses
-    model.item_losses = lambda hidden, labels, table: (shapes.append(tuple(hidden.shape)), original(hidden, labels, table))[1]
+    model.item_losses = lambda hidden, labels, table, excluded=None: (shapes.append(tuple(hidden.shape)), original(hidden, labels, table, excluded))[1]
     handle = model.mlm.cls.predictions.decoder.register_forward_hook(lambda *_: pytest.fail("full-vocabulary decoder ran"))
     try:
         parts = masked_item_loss(model, batch, 1.0, 1.0)
@@ -142,3 +142,48 @@ def test_causal_loss_is_finite_with_single_item_rows():
     parts.total.backward()
     assert torch.isfinite(parts.total)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _without_row_items(logits, row, label):
+    """Logits of one position with its row's other items left out (row: item ids, 0 = pad)."""
+    left_out = torch.zeros_like(logits, dtype=torch.bool)
+    seen = row[(row > 0) & (row != label)] - 1
+    left_out[seen] = True
+    return logits.masked_fill(left_out, float("-inf"))
+
+
+def test_masked_loss_leaving_out_row_items_equals_naive_reference():
+    model = _model()
+    items, lengths = _items()
+    draws = torch.rand(items.shape, generator=torch.Generator().manual_seed(2))
+    sums = MaskedItemObjective(model, 0.3, exclude_row_items=True)(items, draws)
+    plain = MaskedItemObjective(model, 0.3)(items, draws)
+    batch = mask_from_draws(items, draws, 0.3)
+    with torch.no_grad():
+        logits = _naive_item_logits(model, batch.inputs)
+    losses = []
+    for b, t in (batch.labels != IGNORE_LABEL).nonzero().tolist():
+        label = int(items[b, t])
+        losses.append(F.cross_entropy(_without_row_items(logits[b, t], items[b], label), torch.tensor(label - 1)))
+    naive = torch.stack(losses)
+    assert sums.masked_sum.item() == pytest.approx(naive.sum().item(), rel=1e-5)
+    assert sums.masked_sum.item() < plain.masked_sum.item()
+    tails = [F.cross_entropy(_without_row_items(logits[b, lengths[b] - 1], items[b], int(items[b, lengths[b] - 1])), items[b, lengths[b] - 1] - 1)
+             for b in range(len(items))]
+    assert sums.tail_mean.item() == pytest.approx(torch.stack(tails).mean().item(), rel=1e-5)
+
+
+def test_causal_loss_leaving_out_row_items_equals_naive_reference():
+    model = _model("causal")
+    items, lengths = _items()
+    sums = causal_loss_sums(model, items, exclude_row_items=True)
+    losses = []
+    for b in range(len(items)):
+        n = int(lengths[b])
+        with torch.no_grad():
+            logits = _naive_item_logits(model, items[b : b + 1, : max(n - 1, 1)])[0]
+        for t in range(n - 1):
+            label = int(items[b, t + 1])
+            losses.append(F.cross_entropy(_without_row_items(logits[t], items[b], label), torch.tensor(label - 1)))
+    assert sums.masked_sum.item() == pytest.approx(torch.stack(losses).sum().item(), rel=1e-4)
+    assert sums.masked_sum.item() < causal_loss_sums(model, items).masked_sum.item()
