@@ -14,7 +14,7 @@
 #   quality        four bench/quality.py runs side by side on the one GPU (the eager step is bound by
 #                  the host launching kernels, so one run leaves the GPU mostly idle), QUALITY_MINUTES
 #                  each, every run at the product defaults (lr 1e-3, encoder at 0.3 x, weight decay 1):
-#                  ML-1M with all 6 MiniLM layers; Beauty with 2 and with 6 layers; and Beauty's
+#                  ML-1M with all 6 MiniLM layers; Beauty with 1 (its bench default) and with 6; and Beauty's
 #                  published SASRec+ configuration (recipe sasrec). Logs: LOGS/quality-<run>.log
 #
 # Environment: PYTHON (python3), LOGS (logs/gpu), QUALITY_MINUTES (7.5), QUALITY_ARGS (extra
@@ -66,7 +66,7 @@ quality_runs() {  # quality_runs MINUTES: each run in the background, then wait 
     "$PYTHON" -c "import sys; sys.path.insert(0, 'bench'); import quality; quality.prepared('ml-1m'); quality.prepared('beauty')" || return 1
     declare -A runs=(
         [ml-1m-6-layers]="--dataset ml-1m --keep-layers 6 --recipes default $budget --label gpu-6-layers-defaults-$minutes-min"
-        [beauty-2-layers]="--dataset beauty --recipes default $budget --set train.eval_every=3 --label gpu-2-layers-$minutes-min"
+        [beauty-1-layer]="--dataset beauty --recipes default $budget --set train.eval_every=3 --label gpu-1-layer-$minutes-min"
         [beauty-6-layers]="--dataset beauty --keep-layers 6 --recipes default $budget --set train.eval_every=3 --label gpu-6-layers-$minutes-min"
         [beauty-sasrec]="--dataset beauty --recipes sasrec $budget --set train.eval_every=2 --label gpu-$minutes-min"
     )

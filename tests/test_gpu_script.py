@@ -37,7 +37,7 @@ def test_quality_step_runs_the_four_runs_side_by_side(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     expected = {
         "ml-1m-6-layers": "--dataset ml-1m --keep-layers 6 --recipes default --minutes 0.5",
-        "beauty-2-layers": "--dataset beauty --recipes default --minutes 0.5",
+        "beauty-1-layer": "--dataset beauty --recipes default --minutes 0.5",
         "beauty-6-layers": "--dataset beauty --keep-layers 6 --recipes default --minutes 0.5",
         "beauty-sasrec": "--dataset beauty --recipes sasrec --minutes 0.5",
     }
@@ -56,5 +56,5 @@ def test_quality_step_fails_when_one_run_fails(tmp_path):
     result, _, _ = run_quality_step(tmp_path, fail_on="--recipes sasrec")
     assert result.returncode == 1
     assert "beauty-sasrec: failed" in result.stdout
-    assert "beauty-2-layers: seqrec 0.1 0.2" in result.stdout
+    assert "beauty-1-layer: seqrec 0.1 0.2" in result.stdout
     assert "gpu.sh: 1 step(s) failed" in result.stdout
