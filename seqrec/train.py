@@ -189,6 +189,9 @@ class _Trainer:
             info.backend, self.engine.zero_stage, self.plan.micro_batch, self.plan.accumulation, info.world_size,
             self.plan.global_batch, self.epoch_steps[0], self.device, self.amp or "fp32",
         )
+        if config.loss.exclude_row_items and not config.eval.exclude_history:
+            log.warning("loss.exclude_row_items is on but eval.exclude_history is off: training never scores a user's own "
+                        "items against the rest, so evaluation ranks them on untrained scores; set loss.exclude_row_items=false")
 
     # ---- loop --------------------------------------------------------------------------------
 
