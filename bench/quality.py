@@ -84,6 +84,8 @@ def recipes(keep_layers: int) -> dict[str, list[str]]:
             "model.pretrained=null", "model.scratch.hidden_size=64", "model.scratch.num_hidden_layers=2",
             "model.scratch.num_attention_heads=1", "model.dropout=0.1", "model.attention=causal",
             "loss.prefix_prob=0.0", "optim.weight_decay=0.0", "train.batch_size=128",
+            # The paper's full cross-entropy includes the user's own items among the negatives.
+            "loss.exclude_row_items=false",
         ],
     }
 

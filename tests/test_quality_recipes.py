@@ -40,7 +40,7 @@ def test_sasrec_recipe_is_the_published_shape(quality):
     scratch = config.model.scratch
     assert (scratch.hidden_size, scratch.num_hidden_layers, scratch.num_attention_heads) == (64, 2, 1)
     assert (config.model.dropout, config.optim.weight_decay, config.train.batch_size) == (0.1, 0.0, 128)
-    assert config.loss.prefix_prob == 0.0
+    assert config.loss.prefix_prob == 0.0 and not config.loss.exclude_row_items
 
 
 def test_overrides_apply_after_the_recipe(quality):
