@@ -331,3 +331,20 @@ def test_contrast_between_views_trains_through_the_loop_and_is_logged(small_data
     for row in logged:
         assert row["loss_contrastive"] > 0
         assert row["loss"] == pytest.approx(row["loss_masked"] + 0.5 * row["loss_contrastive"], rel=1e-4)
+
+
+def test_row_item_exclusion_reaches_the_training_loss_and_warns_without_history_exclusion(small_dataset, tmp_path, monkeypatch, caplog):
+    import seqrec.model as model_module
+
+    left_out = []
+    real_loss = model_module.catalog_cross_entropy
+    monkeypatch.setattr(model_module, "catalog_cross_entropy",
+                        lambda *args: (left_out.append(args[5] if len(args) > 5 else None), real_loss(*args))[1])
+    run(_config(small_dataset, tmp_path / "default", "train.max_steps=1"))
+    assert left_out and all(excluded is not None and excluded.shape[1] > 0 for excluded in left_out)
+    assert "eval.exclude_history is off" not in caplog.text
+    left_out.clear()
+    run(_config(small_dataset, tmp_path / "off", "train.max_steps=1", "loss.exclude_row_items=false"))
+    assert left_out and all(excluded is None for excluded in left_out)
+    run(_config(small_dataset, tmp_path / "mismatch", "train.max_steps=1", "eval.exclude_history=false"))
+    assert "eval.exclude_history is off" in caplog.text
