@@ -203,7 +203,8 @@ def main() -> None:
         model.to(device)
         if dense_lookup_gradient:  # the lookup's gradient as before 10c13d9: a zero-filled table, added in whole
             model.mlm.get_input_embeddings().sparse = False
-        engine = TrainingEngine(MaskedItemObjective(model, setting.loss.mask_prob, exclude_row_items=setting.loss.exclude_row_items), setting, plan_batches(setting, 1), 10**6, torch.bfloat16)
+        engine = TrainingEngine(MaskedItemObjective(model, setting.loss.mask_prob, exclude_row_items=setting.loss.exclude_row_items,
+                                                    label_smoothing=setting.loss.label_smoothing), setting, plan_batches(setting, 1), 10**6, torch.bfloat16)
         step = lambda pair: optimizer_step(engine, [pair[0]], [pair[1]], LossWeights(1.0, 1.0), 1)  # noqa: E731
         if compile_encoder:
             model.compile_encoder()

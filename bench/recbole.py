@@ -170,7 +170,8 @@ def same_size_seqrec(batch: int):
     ])
     torch.manual_seed(0)
     model, _ = build_model(config.model, data.num_items, max_len)
-    engine = TrainingEngine(MaskedItemObjective(model, config.loss.mask_prob, exclude_row_items=config.loss.exclude_row_items), config, plan_batches(config, 1), 10**6, None)
+    engine = TrainingEngine(MaskedItemObjective(model, config.loss.mask_prob, exclude_row_items=config.loss.exclude_row_items,
+                                                label_smoothing=config.loss.label_smoothing), config, plan_batches(config, 1), 10**6, None)
     return data, config, max_len, engine
 
 

@@ -25,6 +25,12 @@ from the stored probabilities, as before.
 Optionally each row's softmax leaves out given items other than its label (`excluded`): their
 scores become -inf before the softmax, so their probabilities, and with them their gradients,
 are exactly zero. The cost is two scatters of M x K entries into the M x N matrix.
+
+Optionally the target is smoothed (`smoothing` e): (1 - e) on the label and e spread evenly
+over the items the row's softmax keeps, so the loss is (1 - e) * CE + e * (logsumexp - mean
+kept score). The mean needs one read of the scores (their row sums, taken before exclusion,
+less the left-out items' scores, each counted once); backward subtracts e / kept from the
+probabilities in place and writes the left-out entries back to zero: no second M x N tensor.
 """
 
 from __future__ import annotations
@@ -34,29 +40,41 @@ from torch.autograd.function import once_differentiable
 
 
 def catalog_cross_entropy(hidden: torch.Tensor, table: torch.Tensor, bias: torch.Tensor, rows: slice, labels: torch.Tensor,
-                          excluded: torch.Tensor | None = None) -> torch.Tensor:
+                          excluded: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
     """Per-row losses [M] (fp32) of `hidden` [M, H] scored against `table[rows]` + `bias[rows]`,
     labels in 0..N-1 (offsets into `rows`). Gradients reach the whole `table` and `bias` (zero
     outside `rows`), so a tied embedding matrix needs no separate slice backward.
     Under autocast the matmuls run in the autocast dtype, as `F.linear` would.
     `excluded` [M, K] (offsets into `rows`, negative = none) lists items each row's softmax
-    leaves out; a row's own label is never left out."""
+    leaves out; a row's own label is never left out. `smoothing` in [0, 1) moves that share of
+    each row's target from its label to a uniform spread over the items its softmax keeps."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = torch.promote_types(hidden.dtype, table.dtype)
-    return _CatalogCrossEntropy.apply(hidden, table, bias, labels, rows.start, rows.stop, compute_dtype, excluded)
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    return _CatalogCrossEntropy.apply(hidden, table, bias, labels, rows.start, rows.stop, compute_dtype, excluded, smoothing)
 
 
 class _CatalogCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, table, bias, labels, start, stop, compute_dtype, excluded=None):
+    def forward(ctx, hidden, table, bias, labels, start, stop, compute_dtype, excluded=None, smoothing=0.0):
         with torch.autocast(hidden.device.type, enabled=False):
             weight = table[start:stop].to(compute_dtype)
             features = hidden.to(compute_dtype)
             scores = features @ weight.t()
             scores += bias[start:stop].to(compute_dtype)
+            kept = None
+            if smoothing:
+                label_scores = scores.gather(1, labels.unsqueeze(1)).squeeze(1).float()
+                kept_sums = scores.sum(1, dtype=torch.float32)
+                kept = torch.full_like(kept_sums, float(scores.shape[1]))
+                if excluded is not None:
+                    left_out_sums, left_out_counts = _left_out(scores, excluded, labels)
+                    kept_sums -= left_out_sums
+                    kept -= left_out_counts
             if excluded is not None:
                 _exclude(scores, excluded, labels)
             # In place: the kernel reads each row whole before it writes it (CPU and CUDA alike;
@@ -64,19 +82,29 @@ class _CatalogCrossEntropy(torch.autograd.Function):
             probabilities = torch._softmax(scores, 1, False, out=scores)
             picked = probabilities.gather(1, labels.unsqueeze(1)).squeeze(1).float()
             losses = -picked.clamp_min(torch.finfo(torch.float32).tiny).log()
-        ctx.save_for_backward(features, weight, probabilities, labels)
+            if smoothing:
+                # label score + its loss = the row's logsumexp.
+                losses = (1.0 - smoothing) * losses + smoothing * (label_scores + losses - kept_sums / kept)
+        ctx.save_for_backward(features, weight, probabilities, labels, excluded, kept)
         ctx.layout = (start, stop, hidden.dtype, table.shape, table.dtype, bias.shape, bias.dtype)
+        ctx.smoothing = smoothing
         return losses
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_losses):
-        features, weight, probabilities, labels = ctx.saved_tensors
+        features, weight, probabilities, labels, excluded, kept = ctx.saved_tensors
         start, stop, hidden_dtype, table_shape, table_dtype, bias_shape, bias_dtype = ctx.layout
+        smoothing = ctx.smoothing
         scale = grad_losses.float().unsqueeze(1)
         with torch.autocast(features.device.type, enabled=False):
             rows = torch.arange(probabilities.shape[0], device=probabilities.device)
-            residual = probabilities.index_put_((rows, labels), probabilities.new_full((), -1.0), accumulate=True)
+            if smoothing:
+                probabilities.sub_((smoothing / kept).to(probabilities.dtype).unsqueeze(1))
+                if excluded is not None:
+                    _exclude(probabilities, excluded, labels, 0.0)
+            target = probabilities.new_full((), -(1.0 - smoothing))
+            residual = probabilities.index_put_((rows, labels), target, accumulate=True)
             grad_hidden = grad_table = grad_bias = None
             if ctx.needs_input_grad[0]:
                 grad_hidden = ((residual @ weight).float() * scale).to(hidden_dtype)
@@ -85,17 +113,28 @@ class _CatalogCrossEntropy(torch.autograd.Function):
                 grad_table = _embed_rows(residual.t() @ scaled_features, start, stop, table_shape, table_dtype)
             if ctx.needs_input_grad[2]:
                 grad_bias = _embed_rows((residual.t() @ scale.to(residual.dtype)).squeeze(1), start, stop, bias_shape, bias_dtype)
-        return grad_hidden, grad_table, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_table, grad_bias, None, None, None, None, None, None
 
 
-def _exclude(scores: torch.Tensor, excluded: torch.Tensor, labels: torch.Tensor) -> None:
-    """Sets scores[m, excluded[m, k]] to -inf in place, except at each row's label. Empty slots
-    (negative) point at the label, whose score is written back last."""
+def _exclude(scores: torch.Tensor, excluded: torch.Tensor, labels: torch.Tensor, value: float = float("-inf")) -> None:
+    """Sets scores[m, excluded[m, k]] to `value` in place, except at each row's label. Empty
+    slots (negative) point at the label, whose score is written back last."""
     label_columns = labels.unsqueeze(1)
     label_scores = scores.gather(1, label_columns)
     columns = torch.where(excluded >= 0, excluded, label_columns)
-    scores.scatter_(1, columns, float("-inf"))
+    scores.scatter_(1, columns, value)
     scores.scatter_(1, label_columns, label_scores)
+
+
+def _left_out(scores: torch.Tensor, excluded: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums [M] (fp32) and counts [M] of the scores `_exclude` will remove: each listed item once,
+    never the label, never an empty slot."""
+    columns = torch.where((excluded >= 0) & (excluded != labels.unsqueeze(1)), excluded, -1).sort(1).values
+    first = torch.ones_like(columns, dtype=torch.bool)
+    first[:, 1:] = columns[:, 1:] != columns[:, :-1]
+    counted = first & (columns >= 0)
+    values = scores.gather(1, columns.clamp_min(0)).float()
+    return torch.where(counted, values, 0.0).sum(1), counted.sum(1).float()
 
 
 def _embed_rows(values: torch.Tensor, start: int, stop: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:

@@ -185,6 +185,11 @@ class LossConfig:
     # at every validation. Pair it with eval.exclude_history (the default): seen items' scores
     # are left untrained.
     exclude_row_items: bool = True
+    # Share of each position's target spread evenly over the items its softmax keeps (the rest
+    # stays on the label): the loss becomes (1 - s) * CE + s * (mean cross-entropy against every
+    # kept item), which holds back the confident fits of training rows that Beauty's ~5 events
+    # per item invite. Both objectives. The logged losses include the smoothing term.
+    label_smoothing: float = 0.0
     # Weight of the contrast between masked views of each row (seqrec.contrastive; bidirectional
     # models only): every row is masked `contrastive_views` times, all views train the masked
     # and tail terms, and NT-Xent over the views' tail states (cosine / temperature) is added at
@@ -208,6 +213,7 @@ class LossConfig:
         _check(self.contrastive_temperature > 0, "loss.contrastive_temperature", "must be > 0", self.contrastive_temperature)
         _check(0 <= self.prefix_prob <= 1, "loss.prefix_prob", "must be in [0, 1]", self.prefix_prob)
         _check(0 <= self.tail_only_prob <= 1, "loss.tail_only_prob", "must be in [0, 1]", self.tail_only_prob)
+        _check(0 <= self.label_smoothing < 1, "loss.label_smoothing", "must be in [0, 1)", self.label_smoothing)
         _check(self.tail_weight >= 0 and self.masked_weight >= 0, "loss.tail_weight/masked_weight", "must be >= 0", (self.tail_weight, self.masked_weight))
         _check(self.tail_weight + self.masked_weight > 0, "loss.tail_weight/masked_weight", "must not both be 0", (self.tail_weight, self.masked_weight))
 

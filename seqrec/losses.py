@@ -64,7 +64,7 @@ class MaskedItemObjective(nn.Module):
     """The training forward pass as one module (what an engine wraps): mask, encode, score, CE."""
 
     def __init__(self, model: SeqRecModel, mask_prob: float, tail_only_prob: float = 0.0, views: int = 1,
-                 temperature: float = 0.2, exclude_row_items: bool = False):
+                 temperature: float = 0.2, exclude_row_items: bool = False, label_smoothing: float = 0.0):
         super().__init__()
         self.model = model
         self.mask_prob = mask_prob
@@ -73,21 +73,24 @@ class MaskedItemObjective(nn.Module):
         self.views = 1 if model.next_item else views
         self.temperature = temperature
         self.exclude_row_items = exclude_row_items
+        self.label_smoothing = label_smoothing
 
     def forward(self, items: torch.Tensor, draws: torch.Tensor) -> LossSums:
         """`draws` [views * B, L]: one uniform draw per position of every view."""
         if self.model.next_item:
-            return causal_loss_sums(self.model, items, self.exclude_row_items)
+            return causal_loss_sums(self.model, items, self.exclude_row_items, self.label_smoothing)
         rows = items if self.views == 1 else items.repeat(self.views, 1)
         batch = mask_from_draws(rows, draws, self.mask_prob, self.tail_only_prob)
-        return masked_loss_sums(self.model, batch, self.views, self.temperature, rows if self.exclude_row_items else None)
+        return masked_loss_sums(self.model, batch, self.views, self.temperature, rows if self.exclude_row_items else None,
+                                self.label_smoothing)
 
 
 def masked_loss_sums(model: SeqRecModel, batch: MaskedBatch, views: int = 1, temperature: float = 0.2,
-                     row_items: torch.Tensor | None = None) -> LossSums:
+                     row_items: torch.Tensor | None = None, label_smoothing: float = 0.0) -> LossSums:
     """Rows of `batch` are `views` masked copies of the same rows, view-major; with views > 1,
     the tails' hidden states are contrasted (seqrec.contrastive). With `row_items` (the unmasked
-    rows), each masked position's softmax leaves out its row's other items."""
+    rows), each masked position's softmax leaves out its row's other items. `label_smoothing`
+    moves that share of every target onto the items the softmax keeps."""
     batch_size, length = batch.inputs.shape
     rows = torch.arange(batch_size, device=batch.inputs.device)
     others = batch.labels != IGNORE_LABEL
@@ -97,9 +100,9 @@ def masked_loss_sums(model: SeqRecModel, batch: MaskedBatch, views: int = 1, tem
     excluded = None if row_items is None else row_items[positions // length]
     contrastive = None
     if views == 1:
-        losses = model(batch.inputs, positions, labels, excluded=excluded)
+        losses = model(batch.inputs, positions, labels, excluded=excluded, smoothing=label_smoothing)
     else:
-        losses, tails = model(batch.inputs, positions, labels, hidden_rows=batch_size, excluded=excluded)
+        losses, tails = model(batch.inputs, positions, labels, hidden_rows=batch_size, excluded=excluded, smoothing=label_smoothing)
         contrastive = view_contrast_loss(tails, views, temperature)
     return LossSums(losses[:batch_size].mean(), losses.sum(), _count(losses), losses.shape[0], contrastive)
 
@@ -115,7 +118,7 @@ def masked_item_loss(model: SeqRecModel, batch: MaskedBatch, tail_weight: float,
     return masked_loss_sums(model, batch).combine(LossWeights(tail_weight, masked_weight))
 
 
-def causal_loss_sums(model: SeqRecModel, items: torch.Tensor, exclude_row_items: bool = False) -> LossSums:
+def causal_loss_sums(model: SeqRecModel, items: torch.Tensor, exclude_row_items: bool = False, label_smoothing: float = 0.0) -> LossSums:
     """SASRec-style baseline: every position predicts the item after it, full cross-entropy.
     All of it is reported as the `masked` term (positions vary per row); `tail` mirrors it.
     With `exclude_row_items`, each position's softmax leaves out its row's other items (SASRec's
@@ -131,7 +134,7 @@ def causal_loss_sums(model: SeqRecModel, items: torch.Tensor, exclude_row_items:
     valid = (inputs != 0) & (targets != 0)
     positions = torch.nonzero(valid.flatten()).flatten()
     excluded = items[positions // items.shape[1]] if exclude_row_items else None
-    losses = model(inputs, positions, targets.flatten()[positions], excluded=excluded)
+    losses = model(inputs, positions, targets.flatten()[positions], excluded=excluded, smoothing=label_smoothing)
     return LossSums(torch.zeros((), device=losses.device), losses.sum(), _count(losses), losses.shape[0])
 
 

@@ -125,11 +125,13 @@ class SeqRecModel(nn.Module):
         return self.mlm.bert(input_ids=self.vocab.tokens(items), attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
 
     def forward(self, items: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None = None,
-                hidden_rows: int = 0, excluded: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                hidden_rows: int = 0, excluded: torch.Tensor | None = None,
+                smoothing: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Full-catalogue scores [M, num_items] at `positions`, flat indices into the [B, L] batch;
         with `labels` (item ids 1..N), the per-position cross-entropy over the full catalogue [M]
         instead, without keeping fp32 scores (see catalog_loss); `excluded` [M, K] (item ids,
-        0 = none) then lists items left out of each position's softmax, its label excepted. With
+        0 = none) then lists items left out of each position's softmax, its label excepted, and
+        `smoothing` spreads that share of each target over the catalogue (catalog_loss). With
         `hidden_rows` k > 0, also the encoder's hidden states at the first k positions:
         (result, [k, hidden]).
 
@@ -139,7 +141,7 @@ class SeqRecModel(nn.Module):
         scoring_table = None if labels is None else self._scoring_table()
         hidden = self.encode(items)
         gathered = self.query_states(hidden, positions)
-        result = self.item_scores(gathered) if labels is None else self.item_losses(gathered, labels, scoring_table, excluded)
+        result = self.item_scores(gathered) if labels is None else self.item_losses(gathered, labels, scoring_table, excluded, smoothing)
         return (result, gathered[:hidden_rows]) if hidden_rows else result
 
     def query_states(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -190,13 +192,13 @@ class SeqRecModel(nn.Module):
         return hidden if self.item_head == "direct" else self.mlm.cls.predictions.transform(hidden)
 
     def item_losses(self, hidden: torch.Tensor, labels: torch.Tensor, table: torch.Tensor,
-                    excluded: torch.Tensor | None = None) -> torch.Tensor:
+                    excluded: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
         """Cross-entropy over the full item set of gathered hidden rows [M, hidden], labels 1..N;
         `table` is the token-embedding table or an alias of it (`_scoring_table`); `excluded`
-        item ids (0 = none) are left out of each row's softmax."""
+        item ids (0 = none) are left out of each row's softmax; `smoothing` is the label smoothing."""
         head = self.mlm.cls.predictions
         offsets = None if excluded is None else excluded - 1
-        return catalog_cross_entropy(self.head_input(hidden), table, head.bias, self.vocab.item_rows, labels - 1, offsets)
+        return catalog_cross_entropy(self.head_input(hidden), table, head.bias, self.vocab.item_rows, labels - 1, offsets, smoothing)
 
     def save_pretrained(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None, max_len: int | None = None) -> None:
         """A plain HF directory; `state_dict` (keys as in this module's state_dict) replaces the

@@ -172,7 +172,7 @@ class _Trainer:
         self.total_steps = min(total, config.train.max_steps) if config.train.max_steps else total
         self.objective = MaskedItemObjective(
             model, config.loss.mask_prob, config.loss.tail_only_prob, config.loss.views, config.loss.contrastive_temperature,
-            config.loss.exclude_row_items,
+            config.loss.exclude_row_items, config.loss.label_smoothing,
         )
         self.engine = TrainingEngine(self.objective, config, self.plan, self.total_steps, self.amp)
         self.model = self.engine.model

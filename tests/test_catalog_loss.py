@@ -146,3 +146,55 @@ def test_excluded_items_leave_the_softmax_but_the_label_stays():
     (catalog_cross_entropy(hidden0, table0, bias0, ITEM_ROWS, labels, excluded) * only_row).sum().backward()
     dropped = left_out[0].nonzero().flatten() + ITEM_ROWS.start
     assert bias0.grad[dropped].eq(0).all() and table0.grad[dropped].eq(0).all()
+
+
+def _smoothed_reference(logits, labels, left_out, smoothing):
+    """(1 - s) * CE + s * mean over kept items of their cross-entropy, written out."""
+    logits = logits.masked_fill(left_out, float("-inf"))
+    log_probabilities = logits.log_softmax(1)
+    kept = ~left_out
+    uniform = -(log_probabilities.where(kept, 0.0)).sum(1) / kept.sum(1)
+    picked = -log_probabilities.gather(1, labels.unsqueeze(1)).squeeze(1)
+    return (1 - smoothing) * picked + smoothing * uniform
+
+
+@pytest.mark.parametrize("leave_out", [False, True], ids=["all-items", "left-out-items"])
+def test_label_smoothing_equals_the_written_out_loss(leave_out):
+    generator = torch.Generator().manual_seed(2)
+    fused_inputs, reference_inputs = _inputs(), _inputs()
+    labels = fused_inputs[3]
+    excluded = None
+    left_out = torch.zeros(ROWS, ITEMS, dtype=torch.bool)
+    if leave_out:
+        excluded = torch.randint(0, ITEMS, (ROWS, 7), generator=generator)
+        excluded[:, 0] = -1  # empty slot
+        excluded[:, 1] = labels  # never left out
+        excluded[:, 2] = excluded[:, 3]  # listed twice, left out (and counted) once
+        for row in range(ROWS):
+            for item in excluded[row].tolist():
+                if item >= 0 and item != labels[row]:
+                    left_out[row, item] = True
+    weights = torch.linspace(0.5, 2.0, ROWS)
+    fused = catalog_cross_entropy(*fused_inputs[:3], ITEM_ROWS, labels, excluded, 0.2)
+    hidden, table, bias, _ = reference_inputs
+    reference = _smoothed_reference(F.linear(hidden, table[ITEM_ROWS], bias[ITEM_ROWS]).float(), labels, left_out, 0.2)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    (fused * weights).sum().backward()
+    (reference * weights).sum().backward()
+    for ours, theirs in zip(fused_inputs[:3], reference_inputs[:3]):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-6)
+    if leave_out:  # left-out items stay out of the smoothed target too
+        dropped = left_out.any(0).nonzero().flatten()
+        never_kept = dropped[left_out[:, dropped].all(0)] + ITEM_ROWS.start
+        assert fused_inputs[2].grad[never_kept].eq(0).all()
+
+
+def test_label_smoothing_zero_is_the_plain_loss_and_bad_values_are_refused():
+    hidden, table, bias, labels = _inputs()
+    plain = catalog_cross_entropy(hidden, table, bias, ITEM_ROWS, labels)
+    torch.testing.assert_close(catalog_cross_entropy(hidden, table, bias, ITEM_ROWS, labels, None, 0.0), plain, rtol=0, atol=0)
+    smoothed = catalog_cross_entropy(hidden, table, bias, ITEM_ROWS, labels, None, 0.3)
+    assert not torch.allclose(smoothed, plain)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="smoothing"):
+            catalog_cross_entropy(hidden, table, bias, ITEM_ROWS, labels, None, bad)

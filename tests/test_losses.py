@@ -66,7 +66,7 @@ def test_only_masked_positions_are_scored_and_the_vocabulary_head_never_runs():
     batch = mask_items(items, 0.3, torch.Generator().manual_seed(3))
     shapes = []
     original = model.item_losses
-    model.item_losses = lambda hidden, labels, table, excluded=None: (shapes.append(tuple(hidden.shape)), original(hidden, labels, table, excluded))[1]
+    model.item_losses = lambda hidden, labels, table, *rest: (shapes.append(tuple(hidden.shape)), original(hidden, labels, table, *rest))[1]
     handle = model.mlm.cls.predictions.decoder.register_forward_hook(lambda *_: pytest.fail("full-vocabulary decoder ran"))
     try:
         parts = masked_item_loss(model, batch, 1.0, 1.0)
@@ -187,3 +187,36 @@ def test_causal_loss_leaving_out_row_items_equals_naive_reference():
             losses.append(F.cross_entropy(_without_row_items(logits[t], items[b], label), torch.tensor(label - 1)))
     assert sums.masked_sum.item() == pytest.approx(torch.stack(losses).sum().item(), rel=1e-4)
     assert sums.masked_sum.item() < causal_loss_sums(model, items).masked_sum.item()
+
+
+def _smoothed_cross_entropy(logits, label, smoothing):
+    """(1 - s) * CE + s * the mean CE against every item left in (finite) `logits`, written out."""
+    log_probabilities = logits.log_softmax(0)
+    kept = torch.isfinite(logits)
+    return -(1 - smoothing) * log_probabilities[label] - smoothing * log_probabilities[kept].mean()
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_label_smoothing_reaches_both_objectives(attention):
+    model = _model(attention)
+    items, lengths = _items()
+    draws = torch.rand(items.shape, generator=torch.Generator().manual_seed(2))
+    sums = MaskedItemObjective(model, 0.3, exclude_row_items=True, label_smoothing=0.1)(items, draws)
+    plain = MaskedItemObjective(model, 0.3, exclude_row_items=True)(items, draws)
+    losses = []
+    with torch.no_grad():
+        if attention == "bidirectional":
+            batch = mask_from_draws(items, draws, 0.3)
+            logits = _naive_item_logits(model, batch.inputs)
+            for b, t in (batch.labels != IGNORE_LABEL).nonzero().tolist():
+                label = int(items[b, t])
+                losses.append(_smoothed_cross_entropy(_without_row_items(logits[b, t], items[b], label), label - 1, 0.1))
+        else:
+            for b in range(len(items)):
+                n = int(lengths[b])
+                logits = _naive_item_logits(model, items[b : b + 1, : max(n - 1, 1)])[0]
+                for t in range(n - 1):
+                    label = int(items[b, t + 1])
+                    losses.append(_smoothed_cross_entropy(_without_row_items(logits[t], items[b], label), label - 1, 0.1))
+    assert sums.masked_sum.item() == pytest.approx(torch.stack(losses).sum().item(), rel=1e-4)
+    assert sums.masked_sum.item() != pytest.approx(plain.masked_sum.item(), rel=1e-3)

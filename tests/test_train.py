@@ -348,3 +348,16 @@ def test_row_item_exclusion_reaches_the_training_loss_and_warns_without_history_
     assert left_out and all(excluded is None for excluded in left_out)
     run(_config(small_dataset, tmp_path / "mismatch", "train.max_steps=1", "eval.exclude_history=false"))
     assert "eval.exclude_history is off" in caplog.text
+
+
+def test_label_smoothing_reaches_the_training_loss(small_dataset, tmp_path, monkeypatch):
+    import seqrec.model as model_module
+
+    smoothing = []
+    real_loss = model_module.catalog_cross_entropy
+    monkeypatch.setattr(model_module, "catalog_cross_entropy", lambda *args: (smoothing.append(args[6]), real_loss(*args))[1])
+    run(_config(small_dataset, tmp_path / "default", "train.max_steps=1"))
+    assert smoothing and set(smoothing) == {0.0}
+    smoothing.clear()
+    run(_config(small_dataset, tmp_path / "smoothed", "train.max_steps=1", "loss.label_smoothing=0.25"))
+    assert smoothing and set(smoothing) == {0.25}
