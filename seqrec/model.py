@@ -131,7 +131,7 @@ class SeqRecModel(nn.Module):
         with `labels` (item ids 1..N), the per-position cross-entropy over the full catalogue [M]
         instead, without keeping fp32 scores (see catalog_loss); `excluded` [M, K] (item ids,
         0 = none) then lists items left out of each position's softmax, its label excepted, and
-        `smoothing` spreads that share of each target over the catalogue (catalog_loss). With
+        `smoothing` spreads that share of each target over the items its softmax keeps. With
         `hidden_rows` k > 0, also the encoder's hidden states at the first k positions:
         (result, [k, hidden]).
 

@@ -114,6 +114,16 @@ def test_a_label_scored_far_below_the_rest_gives_a_capped_loss_and_a_finite_grad
     assert hidden.grad.tolist() == [[120.0, 120.0]]  # (softmax - one_hot) = (1, -1), times the rows
 
 
+def _left_out_mask(excluded, labels):
+    """[ROWS, ITEMS]: True where `excluded` lists an item other than the row's label."""
+    left_out = torch.zeros(ROWS, ITEMS, dtype=torch.bool)
+    for row in range(ROWS):
+        for item in excluded[row].tolist():
+            if item >= 0 and item != labels[row]:
+                left_out[row, item] = True
+    return left_out
+
+
 def test_excluded_items_leave_the_softmax_but_the_label_stays():
     generator = torch.Generator().manual_seed(1)
     excluded = torch.randint(0, ITEMS, (ROWS, 6), generator=generator)
@@ -126,11 +136,7 @@ def test_excluded_items_leave_the_softmax_but_the_label_stays():
 
     hidden, table, bias, _ = reference_inputs
     logits = F.linear(hidden, table[ITEM_ROWS], bias[ITEM_ROWS]).float()
-    left_out = torch.zeros(ROWS, ITEMS, dtype=torch.bool)
-    for row in range(ROWS):
-        for item in excluded[row].tolist():
-            if item >= 0 and item != labels[row]:
-                left_out[row, item] = True
+    left_out = _left_out_mask(excluded, labels)
     assert left_out.any()
     reference = F.cross_entropy(logits.masked_fill(left_out, float("-inf")), labels, reduction="none")
     torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6)
@@ -170,10 +176,7 @@ def test_label_smoothing_equals_the_written_out_loss(leave_out):
         excluded[:, 0] = -1  # empty slot
         excluded[:, 1] = labels  # never left out
         excluded[:, 2] = excluded[:, 3]  # listed twice, left out (and counted) once
-        for row in range(ROWS):
-            for item in excluded[row].tolist():
-                if item >= 0 and item != labels[row]:
-                    left_out[row, item] = True
+        left_out = _left_out_mask(excluded, labels)
     weights = torch.linspace(0.5, 2.0, ROWS)
     fused = catalog_cross_entropy(*fused_inputs[:3], ITEM_ROWS, labels, excluded, 0.2)
     hidden, table, bias, _ = reference_inputs
@@ -183,10 +186,15 @@ def test_label_smoothing_equals_the_written_out_loss(leave_out):
     (reference * weights).sum().backward()
     for ours, theirs in zip(fused_inputs[:3], reference_inputs[:3]):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-6)
-    if leave_out:  # left-out items stay out of the smoothed target too
-        dropped = left_out.any(0).nonzero().flatten()
-        never_kept = dropped[left_out[:, dropped].all(0)] + ITEM_ROWS.start
-        assert fused_inputs[2].grad[never_kept].eq(0).all()
+    if leave_out:  # left-out items stay out of the smoothed target too: no gradient from their row
+        only_row = torch.zeros(ROWS)
+        only_row[0] = 1.0
+        hidden0, table0, bias0, _ = _inputs()
+        (catalog_cross_entropy(hidden0, table0, bias0, ITEM_ROWS, labels, excluded, 0.2) * only_row).sum().backward()
+        dropped = left_out[0].nonzero().flatten() + ITEM_ROWS.start
+        assert len(dropped) > 0 and bias0.grad[dropped].eq(0).all() and table0.grad[dropped].eq(0).all()
+        kept = (~left_out[0]).nonzero().flatten() + ITEM_ROWS.start
+        assert bias0.grad[kept].ne(0).all()
 
 
 def test_label_smoothing_zero_is_the_plain_loss_and_bad_values_are_refused():
