@@ -242,6 +242,11 @@ class OptimConfig:
     # 0.1369 against 0.1217 in 10 epochs, 0.1746 against 0.1714 in 30; Beauty 0.0139 against
     # 0.0119 in 15. No effect from random weights.
     pretrained_lr_scale: float = 0.3
+    # AdamW's decay on the matrices loaded from the pretrained checkpoint (the encoder); null: the
+    # same as weight_decay. Decoupled decay shrinks a weight by lr x decay a step, so a strong
+    # decay tuned for the item rows (which start from nothing and are seen ~5 times each on
+    # Beauty) also pulls the pretrained encoder towards zero, away from what pretraining gave it.
+    pretrained_weight_decay: float | None = None
     # With train.time_limit_minutes: at each epoch end the decay is re-planned to end at the
     # epoch where the budget will stop training (else a budget cuts the decay part-way, at a
     # high learning rate). False: the decay spans train.epochs / max_steps regardless.
@@ -251,6 +256,8 @@ class OptimConfig:
         _check(self.lr > 0, "optim.lr", "must be > 0", self.lr)
         _check(self.pretrained_lr_scale > 0, "optim.pretrained_lr_scale", "must be > 0", self.pretrained_lr_scale)
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
+        _check(self.pretrained_weight_decay is None or self.pretrained_weight_decay >= 0, "optim.pretrained_weight_decay",
+               "must be >= 0 or null (null: optim.weight_decay)", self.pretrained_weight_decay)
         _check(all(0 <= b < 1 for b in self.betas), "optim.betas", "must be two values in [0, 1)", self.betas)
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", self.warmup_steps)
         _choice(self.schedule, "optim.schedule", ("linear", "cosine", "constant"))

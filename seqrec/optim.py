@@ -12,15 +12,21 @@ from seqrec.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig, pretrained_parameters: Iterable[nn.Parameter] = ()) -> torch.optim.AdamW:
-    """AdamW at `config.lr`, and at `config.lr x config.pretrained_lr_scale` for
-    `pretrained_parameters` (those loaded from a checkpoint)."""
+    """AdamW at `config.lr` and `config.weight_decay`; `pretrained_parameters` (those loaded from a
+    checkpoint) at `config.lr x config.pretrained_lr_scale` and `config.pretrained_weight_decay`
+    (when set). Biases and LayerNorm weights are never decayed."""
     pretrained = {id(parameter) for parameter in pretrained_parameters}
+    pretrained_decay = config.weight_decay if config.pretrained_weight_decay is None else config.pretrained_weight_decay
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        lr = config.lr * config.pretrained_lr_scale if id(parameter) in pretrained else config.lr
-        weight_decay = 0.0 if parameter.ndim < 2 or "LayerNorm" in name else config.weight_decay
+        from_checkpoint = id(parameter) in pretrained
+        lr = config.lr * config.pretrained_lr_scale if from_checkpoint else config.lr
+        if parameter.ndim < 2 or "LayerNorm" in name:
+            weight_decay = 0.0
+        else:
+            weight_decay = pretrained_decay if from_checkpoint else config.weight_decay
         groups.setdefault((lr, weight_decay), []).append(parameter)
     # Groups at config.lr first: param_groups[0] is what the run logs as its learning rate.
     ordered = sorted(groups.items(), key=lambda entry: (entry[0][0] != config.lr, entry[0][1] == 0.0))

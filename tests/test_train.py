@@ -163,6 +163,41 @@ def test_pretrained_lr_scale_groups_only_the_checkpoint_tensors():
         load_config(None, ["optim.pretrained_lr_scale=0"])
 
 
+def test_pretrained_weight_decay_shrinks_only_the_checkpoint_matrices():
+    """With zero gradients an AdamW step only decays: each matrix shrinks by exactly lr x its
+    group's decay, so the step shows which decay every tensor got."""
+    from seqrec.model import build_model
+    from seqrec.optim import build_optimizer
+
+    overrides = ["model.pretrained=minilm", "model.keep_layers=1", "optim.lr=1e-2", "optim.pretrained_lr_scale=0.5",
+                 "optim.weight_decay=2.0", "optim.pretrained_weight_decay=0.1", "model.item_head=transform"]
+    config = load_config(None, overrides)
+    model, _ = build_model(config.model, 20, max_len=16)
+    mlm = model.mlm
+    watched = {
+        "encoder matrix": (mlm.bert.encoder.layer[0].attention.self.query.weight, 1 - 0.5e-2 * 0.1),
+        "position embeddings": (mlm.bert.embeddings.position_embeddings.weight, 1 - 0.5e-2 * 0.1),
+        "item table": (mlm.get_input_embeddings().weight, 1 - 1e-2 * 2.0),
+        "fresh head matrix": (mlm.cls.predictions.transform.dense.weight, 1 - 1e-2 * 2.0),
+        "encoder LayerNorm": (mlm.bert.encoder.layer[0].attention.output.LayerNorm.weight, 1.0),
+        "encoder bias": (mlm.bert.encoder.layer[0].attention.self.query.bias, 1.0),
+    }
+    before = {name: parameter.detach().clone() for name, (parameter, _) in watched.items()}
+    optimizer = build_optimizer(model, config.optim, model.pretrained_parameters())
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    for name, (parameter, factor) in watched.items():
+        torch.testing.assert_close(parameter.detach(), before[name] * factor, msg=lambda m, name=name: f"{name}: {m}")
+    # Null: the encoder takes optim.weight_decay like every other matrix.
+    same = build_optimizer(model, load_config(None, [*overrides, "optim.pretrained_weight_decay=null"]).optim, model.pretrained_parameters())
+    decay_of = {id(parameter): group["weight_decay"] for group in same.param_groups for parameter in group["params"]}
+    assert decay_of[id(mlm.bert.encoder.layer[0].attention.self.query.weight)] == 2.0
+    with pytest.raises(Exception, match="optim.pretrained_weight_decay: must be >= 0 or null"):
+        load_config(None, ["optim.pretrained_weight_decay=-1"])
+
+
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_pretrained_lr_scale_reaches_the_trained_weights(small_dataset, tmp_path, zero_stage):
     """Adam moves each weight by about its learning rate per step, so with the scale at 0.01 the
