@@ -55,16 +55,11 @@ DATASETS = {
     # One encoder layer on Beauty (mean history ~9 items): 45 minutes on one EPYC core, side by
     # side, test NDCG@10 0.0277 (validation 0.0376, 21 epochs) against 0.0264 (0.0349, 18) with
     # two, level per epoch early and ahead from epoch 13; on an H200 6 layers trailed 2.
-    # loss.mask_prob 0.4 with that layer (20 epochs on one EPYC core each, side by side): test
-    # NDCG@10 0.0295 (validation 0.0394) against 0.0291 (0.0382) at the product's 0.3 and 0.0293
-    # (0.0389) at 0.5, ahead of 0.3 at every validation from epoch 13; as high as 0.3 in 50 epochs
-    # (0.0294, 0.0394). ML-1M keeps 0.3 (0.2 and 0.5 trailed it there). On that, weight decay 2.0
-    # (20 epochs, one core each, side by side): 0.0306 (validation 0.0409) against 0.0295 at the
-    # product's 1.0, ahead at every validation from epoch 7 (13: 0.0386 against 0.0371); seed 1
-    # gave 0.0306 again (validation 0.0400), decay 3.0 0.0294 (0.0400), behind 2.0 throughout;
-    # two layers at these settings 0.0300 (0.0401), behind one from epoch 9. 40 epochs at these
-    # settings: 0.0320 (validation 0.0433, still rising at the last epoch); 50 epochs: 0.0323
-    # (validation 0.0424).
+    # With that layer, 20 epochs on one EPYC core each: loss.mask_prob 0.4 gave test NDCG@10
+    # 0.0295 against 0.0291 at the product's 0.3 (ML-1M keeps 0.3: 0.2 and 0.5 trailed it there),
+    # and weight decay 2.0 on that 0.0306 (two seeds) against 0.0295 at the product's 1.0 and
+    # 0.0294 at 3.0. These settings keep gaining with epochs: 0.0320 in 40, 0.0323 in 50. Every
+    # run and its validation curve: bench/results/notes/quality-beauty-cpu.md.
     "beauty": {"source": ["beauty.txt"], "max_len": 50, "batch_size": 512, "warmup_steps": 100, "keep_layers": 1,
                "overrides": ["model.item_init_noise=null", "loss.mask_prob=0.4", "optim.weight_decay=2.0"],
                "published": {"BERT4Rec": (0.0338, 0.0187), "SASRec+ (full CE)": (0.0533, 0.0327)}},
