@@ -239,7 +239,7 @@ class _Trainer:
                     self._save_best()
                 else:
                     state.stale += 1
-                    if state.stale >= config.train.patience:
+                    if state.stale >= config.train.patience and epoch + 1 >= config.train.min_epochs:
                         log.info("early stop: no %s gain for %d evaluations", EARLY_STOP_METRIC, state.stale)
                         stop = True
             state.epoch, state.micro_batches_in_epoch = epoch + 1, 0

@@ -38,6 +38,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("eval.ks=[1, 5]", "eval.ks: must include 10"),
         ("train.precision=fp8", "train.precision: must be one of auto, bf16, fp16, fp32"),
         ("loss.prefix_prob=1.5", "loss.prefix_prob: must be in [0, 1]"),
+        ("train.min_epochs=4", "train.min_epochs: must be in [0, train.epochs=3], got 4"),
         ("loss.label_smoothing=1.0", "loss.label_smoothing: must be in [0, 1)"),
         ("model.attention_dropout=1.0", "model.attention_dropout: must be in [0, 1) or null"),
         ("model.scratch.hidden_size=33", "model.scratch.hidden_size: must be a multiple of num_attention_heads"),

@@ -97,6 +97,18 @@ def test_max_steps_and_early_stopping_bound_the_run(small_dataset, tmp_path, cap
     assert [row["step"] for row in read_history(tmp_path / "run") if "loss" in row] == [1, 2, 3]
 
 
+def test_early_stopping_fires_after_patience_but_not_before_min_epochs(small_dataset, tmp_path, caplog):
+    # A rate too small to move a float32 weight: every validation equals the first, so each one
+    # after it is stale.
+    frozen = ("train.epochs=6", "train.patience=2", "optim.lr=1e-12", "optim.warmup_steps=0", "train.precision=fp32")
+    caplog.set_level("INFO", logger="seqrec.train")
+    stopped = run(_config(small_dataset, tmp_path / "stopped", *frozen)).metrics
+    assert stopped["epochs_run"] == 3 and "early stop" in caplog.text
+    waited = run(_config(small_dataset, tmp_path / "waited", *frozen, "train.min_epochs=5")).metrics
+    assert waited["epochs_run"] == 5
+    assert [row["epoch"] for row in read_history(tmp_path / "waited") if "valid" in row] == [0, 1, 2, 3, 4]
+
+
 def test_not_learned_hint_names_the_likely_cause():
     from seqrec.train import LoopState, not_learned_hint
 
