@@ -58,10 +58,10 @@ DATASETS = {
     # With that layer, 20 epochs on one EPYC core each: loss.mask_prob 0.4 gave test NDCG@10
     # 0.0295 against 0.0291 at the product's 0.3 (ML-1M keeps 0.3: 0.2 and 0.5 trailed it there),
     # and weight decay 2.0 on that 0.0306 (two seeds) against 0.0295 at the product's 1.0 and
-    # 0.0294 at 3.0. These settings keep gaining with epochs: 0.0320-0.0327 in 40 or 50 (three
-    # seeds at 40, two at 50); over 80, patience stopped the run on the high-rate plateau
-    # (train.min_epochs defers it). Every run and its validation curve:
-    # bench/results/notes/quality-beauty-cpu.md.
+    # 0.0294 at 3.0. These settings keep gaining with epochs: 0.0319-0.0327 in 40 or 50 (four
+    # seeds at 40, mean 0.0323; two at 50; a cosine schedule changed nothing); over 80,
+    # patience stopped the run on the high-rate plateau (train.min_epochs defers it). Every run
+    # and its validation curve: bench/results/notes/quality-beauty-cpu.md.
     "beauty": {"source": ["beauty.txt"], "max_len": 50, "batch_size": 512, "warmup_steps": 100, "keep_layers": 1,
                "overrides": ["model.item_init_noise=null", "loss.mask_prob=0.4", "optim.weight_decay=2.0"],
                "published": {"BERT4Rec": (0.0338, 0.0187), "SASRec+ (full CE)": (0.0533, 0.0327)}},
