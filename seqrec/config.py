@@ -236,7 +236,7 @@ class OptimConfig:
     schedule: str = "linear"
     # Global-norm clipping before the optimiser step (0 = off). At 1.0 it rescales nearly every
     # step (Beauty, 1 layer, batch 512: norms 0.96-19 before clipping at the logged steps), so
-    # AdamW sees steps of even size; without it Beauty lost (40 epochs, one EPYC core: test
+    # AdamW is fed gradients of one norm; without it Beauty lost (40 epochs, one EPYC core: test
     # NDCG@10 0.0313 against 0.0319-0.0327 over four seeds, behind at every validation from
     # epoch 17).
     grad_clip: float = 1.0
