@@ -4,6 +4,7 @@ Layout under <run_dir>/checkpoints/:
     step_00000120/            DeepSpeed's files (model, optimiser, scheduler: every rank's part)
         trainer_state.json    loop position (step, epoch, batches consumed, early-stopping state)
         rng_rank<r>.pt        that rank's masking generator and torch RNG states
+        average_rank<r>.pt    that rank's weight average (train.ema_decay), when there is one
         COMPLETE              written last, by rank 0, after every rank finished writing
 A directory without COMPLETE (a save cut short by a kill) is never resumed from, and is removed
 by the next successful save. Assumes the run directory is on a filesystem every rank sees.
@@ -59,7 +60,8 @@ def resolve_resume(spec: str | None, root: Path) -> Path | None:
     return path
 
 
-def save(engine, root: Path, step: int, trainer_state: dict, rng_state: dict[str, torch.Tensor], keep: int) -> Path:
+def save(engine, root: Path, step: int, trainer_state: dict, rng_state: dict[str, torch.Tensor], keep: int,
+         averages: dict[str, torch.Tensor] | None = None) -> Path:
     """Collective: every rank writes its part; rank 0 marks it complete, then prunes."""
     tag = tag_for(step)
     directory = root / tag
@@ -71,6 +73,8 @@ def save(engine, root: Path, step: int, trainer_state: dict, rng_state: dict[str
     distributed.barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save(rng_state, directory / f"rng_rank{rank}.pt")
+    if averages is not None:
+        torch.save(averages, directory / f"average_rank{rank}.pt")
     distributed.barrier()
     if rank == 0:
         with atomic_file(directory / TRAINER_STATE) as handle:
@@ -83,8 +87,9 @@ def save(engine, root: Path, step: int, trainer_state: dict, rng_state: dict[str
     return directory
 
 
-def load(engine, directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore model, optimiser and scheduler; return the trainer state and this rank's RNG states."""
+def load(engine, directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Restore model, optimiser and scheduler; return the trainer state, this rank's RNG states and
+    its weight average (None when the checkpoint has none)."""
     rank = torch.distributed.get_rank()
     path, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
@@ -93,7 +98,9 @@ def load(engine, directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     rng_file = directory / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
         raise ConfigError(f"--resume: {rng_file} missing; the checkpoint was written by a run with a different number of processes")
-    return trainer_state, torch.load(rng_file, weights_only=True)
+    average_file = directory / f"average_rank{rank}.pt"
+    averages = torch.load(average_file, weights_only=True) if average_file.is_file() else None
+    return trainer_state, torch.load(rng_file, weights_only=True), averages
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:

@@ -298,8 +298,13 @@ class TrainConfig:
     # CPU training: malloc keeps freed memory for reuse (see runtime.keep_freed_host_memory);
     # faster steps, but the process holds its peak memory until it exits.
     keep_host_memory: bool = True
+    # Validate, keep and export an exponential moving average of the weights (decay per optimiser
+    # step, e.g. 0.998 averages over ~500 steps) instead of the last step's; null = off. Costs one
+    # fp32 copy of each rank's weights (its ZeRO-3 partition) and one pass over them per step.
+    ema_decay: float | None = None
 
     def validate(self) -> None:
+        _check(self.ema_decay is None or 0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1) or null (off)", self.ema_decay)
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1 or null", self.micro_batch_size)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = only at the end)", self.checkpoint_every)
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1", self.keep_checkpoints)

@@ -6,6 +6,8 @@ weights, the tokenizer with one token per item, plus `seqrec_items.json` (token 
 
 From a checkpoint, ZeRO-0/1/2 files hold the full fp32 module; ZeRO-3 partitions are merged by
 DeepSpeed's zero_to_fp32. Those optimiser files are pickles: export only checkpoints you wrote.
+A checkpoint holds the trained weights; with train.ema_decay the run's model is their average,
+which its checkpoints carry only per rank for resuming, so a checkpoint exports the former.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ def export(run_dir: Path, out: Path, from_checkpoint: str | None = None, force: 
         model.save_pretrained(staging, max_len=config.data.max_len)
         shutil.copy2(data.root / ITEMS_FILE, staging / ITEMS_FILE)
     log.info("exported %s (step %s) to %s", directory, directory.name.removeprefix("step_").lstrip("0"), out)
+    if config.train.ema_decay is not None:
+        log.warning("%s: the run averaged its weights (train.ema_decay=%s); this export holds the checkpoint's trained "
+                    "weights, not the average the run validates and keeps in %s", directory, config.train.ema_decay, run_dir / "model")
     return out
 
 

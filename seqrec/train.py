@@ -15,6 +15,7 @@ import math
 import shutil
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from seqrec.config import JobConfig
 from seqrec.data.prepared import ITEMS_FILE, PreparedDataset
 from seqrec.data.stream import StreamOptions, batches_per_rank, sequence_loader
 from seqrec.distributed import DistInfo
+from seqrec.ema import WeightAverage
 from seqrec.errors import ConfigError
 from seqrec.engine import BatchPlan, TrainingEngine, plan_batches
 from seqrec.evaluate import evaluate_model, format_table, popularity_baseline
@@ -176,6 +178,9 @@ class _Trainer:
         )
         self.engine = TrainingEngine(self.objective, config, self.plan, self.total_steps, self.amp)
         self.model = self.engine.model
+        self.average = None
+        if config.train.ema_decay is not None:
+            self.average = WeightAverage(list(self.model.parameters()), config.train.ema_decay, partitioned=self.engine.zero_stage == 3)
         if config.model.compile:
             self.model.compile_encoder()
         self.generator = torch.Generator(device=self.device).manual_seed(config.train.seed * 1_000_003 + info.rank)
@@ -189,6 +194,8 @@ class _Trainer:
             info.backend, self.engine.zero_stage, self.plan.micro_batch, self.plan.accumulation, info.world_size,
             self.plan.global_batch, self.epoch_steps[0], self.device, self.amp or "fp32",
         )
+        if self.average is not None:
+            log.info("train.ema_decay %g: validation, the kept best model and its export use the weights' moving average", config.train.ema_decay)
         if config.loss.exclude_row_items and not config.eval.exclude_history:
             log.warning("loss.exclude_row_items is on but eval.exclude_history is off: training never scores a user's own "
                         "items against the rest, so evaluation ranks them on untrained scores; set loss.exclude_row_items=false")
@@ -230,13 +237,16 @@ class _Trainer:
             finished = state.step >= self.total_steps or epoch + 1 == config.train.epochs or out_of_time
             stop = False
             if (epoch + 1) % config.train.eval_every == 0 or finished:
-                valid = distributed.broadcast_object(evaluate(valid_set))
+                with self._evaluated_weights():
+                    valid = distributed.broadcast_object(evaluate(valid_set))
+                    improved = valid[EARLY_STOP_METRIC] > state.best_score
+                    if improved:
+                        self._save_best()
                 self._append({"step": state.step, "epoch": epoch, "valid": valid})
                 log.info("epoch %d valid HR@10 %.4f NDCG@10 %.4f (%d steps, %.0f seq/s)", epoch, valid["HR@10"], valid["NDCG@10"],
                          state.step, state.sequences_seen / max(state.train_seconds, 1e-9))
-                if valid[EARLY_STOP_METRIC] > state.best_score:
+                if improved:
                     state.best_score, state.best_epoch, state.best_step, state.best_valid, state.stale = valid[EARLY_STOP_METRIC], epoch, state.step, valid, 0
-                    self._save_best()
                 else:
                     state.stale += 1
                     if state.stale >= config.train.patience and epoch + 1 >= config.train.min_epochs:
@@ -295,6 +305,8 @@ class _Trainer:
             parts = self._step(micro_batches)
             bar.update()
             state.step += 1
+            if self.average is not None:
+                self.average.update(state.step)
             state.micro_batches_in_epoch += plan.accumulation
             sequences = sum(len(batch.keys) for batch in micro_batches)
             tokens = sum(int(batch.lengths.sum()) for batch in micro_batches)
@@ -337,16 +349,22 @@ class _Trainer:
         return state
 
     def _checkpoint(self, state: LoopState) -> None:
-        checkpoint.save(self.engine.engine, self.checkpoints, state.step, asdict(state), self._rng_state(), self.config.train.keep_checkpoints)
+        averages = None if self.average is None else self.average.state_dict()
+        checkpoint.save(self.engine.engine, self.checkpoints, state.step, asdict(state), self._rng_state(), self.config.train.keep_checkpoints, averages)
 
     def _restore(self, directory: Path) -> LoopState:
-        saved, rng = checkpoint.load(self.engine.engine, directory)
+        saved, rng, averages = checkpoint.load(self.engine.engine, directory)
         state = LoopState(**saved)
         if state.world_size != self.info.world_size or state.global_batch != self.plan.global_batch:
             raise ConfigError(
                 f"--resume: {directory} was written by {state.world_size} process(es) with global batch {state.global_batch}; "
                 f"this run has {self.info.world_size} and {self.plan.global_batch}"
             )
+        if self.average is not None and averages is not None:
+            self.average.load_state_dict(averages)
+        elif self.average is not None:
+            log.warning("train.ema_decay: %s holds no weight average (written with train.ema_decay null); "
+                        "the average starts again from the resumed weights", directory)
         self.generator.set_state(rng["masking"])
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and self.device.type == "cuda":
@@ -357,6 +375,10 @@ class _Trainer:
     def _encoder_lr(self) -> float:
         optim = self.config.optim
         return optim.lr * optim.pretrained_lr_scale if self.model.pretrained_parameters() else optim.lr
+
+    def _evaluated_weights(self):
+        """The weights validation judges and the best model keeps: the average when there is one."""
+        return self.average.applied() if self.average is not None else nullcontext()
 
     def _save_best(self) -> None:
         weights = self.engine.full_state_dict()

@@ -1,23 +1,26 @@
 """Train a tiny model N steps under each ZeRO stage on fixed global batches; rank 0 saves the
-per-step global losses, gradient norms and the final weights. Launched by tests with 1 and with
+per-step global losses, gradient norms, the final weights and their average (train.ema_decay). Launched by tests with 1 and with
 2 processes. The clip is far below the gradient norm, so every step is clipped: by the job under
 ZeRO-0, by DeepSpeed's optimisers under ZeRO 1-3."""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from seqrec import distributed
 from seqrec.config import load_config
+from seqrec.ema import WeightAverage
 from seqrec.engine import TrainingEngine, plan_batches
 from seqrec.losses import LossWeights, MaskedItemObjective
 from seqrec.model import build_model
 from seqrec.train import optimizer_step
 
-NUM_ITEMS, GLOBAL_BATCH, WIDTH, STEPS, GRAD_CLIP = 40, 8, 12, 6, 0.05
+NUM_ITEMS, GLOBAL_BATCH, WIDTH, STEPS, GRAD_CLIP, EMA_DECAY = 40, 8, 12, 6, 0.05, 0.5
 
 
 def global_batches(seed: int = 123):
@@ -29,8 +32,9 @@ def global_batches(seed: int = 123):
         yield items, torch.rand((GLOBAL_BATCH, WIDTH), generator=generator)
 
 
-def train(stage: int, info) -> tuple[list[float], list[float], dict | None]:
+def train(stage: int, info, deepspeed_json: Path | None = None) -> tuple[list[float], list[float], dict | None, dict | None]:
     config = load_config(None, [
+        *([f"distributed.deepspeed_config={deepspeed_json}"] if deepspeed_json else []),
         "model.pretrained=null", "model.dropout=0.0", "model.scratch.hidden_size=32", "model.scratch.intermediate_size=64",
         f"data.max_len={WIDTH}", f"train.batch_size={GLOBAL_BATCH}", "train.precision=fp32", "train.device=cpu",
         "optim.warmup_steps=2", "optim.lr=0.01", f"optim.grad_clip={GRAD_CLIP}", f"distributed.zero_stage={stage}",
@@ -39,6 +43,7 @@ def train(stage: int, info) -> tuple[list[float], list[float], dict | None]:
     torch.manual_seed(0)
     model, _ = build_model(config.model, NUM_ITEMS, WIDTH)
     engine = TrainingEngine(MaskedItemObjective(model, config.loss.mask_prob), config, plan, STEPS, None)
+    average = WeightAverage(list(engine.model.parameters()), EMA_DECAY, partitioned=engine.zero_stage == 3)
     losses, grad_norms = [], []
     rows = slice(info.rank * plan.micro_batch, (info.rank + 1) * plan.micro_batch)
     for items, draws in global_batches():
@@ -47,15 +52,23 @@ def train(stage: int, info) -> tuple[list[float], list[float], dict | None]:
         dist.all_reduce(total)
         losses.append(float(total) / info.world_size)
         grad_norms.append(engine.grad_norm)
-    return losses, grad_norms, engine.full_state_dict()
+        average.update(len(losses))
+    with average.applied():
+        averaged = engine.full_state_dict()
+    return losses, grad_norms, engine.full_state_dict(), averaged
 
 
 def main(out: str) -> None:
     info = distributed.init("cpu", timeout_minutes=5)
     results = {stage: train(stage, info) for stage in (0, 1, 2, 3)}
+    # The tiny model's weights are all under ZeRO-3's persistence threshold, so stage 3 above
+    # keeps them whole on every rank; with the threshold at 0 each rank holds only its partition.
+    partitioned = Path(out).with_suffix(f".zero3-partitioned-rank{info.rank}.json")
+    partitioned.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    results["3-partitioned"] = train(3, info, partitioned)
     if info.is_main:
-        torch.save({stage: {"losses": torch.tensor(losses), "grad_norms": torch.tensor(norms), "weights": weights}
-                    for stage, (losses, norms, weights) in results.items()}, out)
+        torch.save({stage: {"losses": torch.tensor(losses), "grad_norms": torch.tensor(norms), "weights": weights, "averaged": averaged}
+                    for stage, (losses, norms, weights, averaged) in results.items()}, out)
 
 
 if __name__ == "__main__":
