@@ -361,7 +361,10 @@ class _Trainer:
                 f"this run has {self.info.world_size} and {self.plan.global_batch}"
             )
         if self.average is not None and averages is not None:
-            self.average.load_state_dict(averages)
+            try:
+                self.average.load_state_dict(averages)
+            except ValueError as exc:
+                raise ConfigError(f"--resume: {directory / f'average_rank{self.info.rank}.pt'}: {exc}") from exc
         elif self.average is not None:
             log.warning("train.ema_decay: %s holds no weight average (written with train.ema_decay null); "
                         "the average starts again from the resumed weights", directory)

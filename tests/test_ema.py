@@ -115,6 +115,11 @@ def test_resuming_restores_the_weight_average_from_the_checkpoint(tiny_dataset, 
     saved, again = (torch.load(directory / final, weights_only=True) for directory in (tmp_path / "reference", resumed_dir))
     assert saved.keys() == again.keys() and all(torch.equal(saved[key], again[key]) for key in saved)
     assert resumed["test"] == pytest.approx(reference["test"], abs=1e-9)
+    # A checkpoint's average that does not fit the model stops the resume, naming the file.
+    bad = resumed_dir / "checkpoints" / "step_00000010" / "average_rank0.pt"
+    torch.save({"0": torch.zeros(1)}, bad)
+    with pytest.raises(ConfigError, match=r"average_rank0\.pt: weight average: 1 tensors saved"):
+        run(_config(tiny_dataset, resumed_dir, *overrides), resume=str(bad.parent))
 
 
 def test_zero3_validates_and_keeps_the_same_average_as_zero0(tiny_dataset, tmp_path):

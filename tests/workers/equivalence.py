@@ -1,7 +1,8 @@
 """Train a tiny model N steps under each ZeRO stage on fixed global batches; rank 0 saves the
-per-step global losses, gradient norms, the final weights and their average (train.ema_decay). Launched by tests with 1 and with
-2 processes. The clip is far below the gradient norm, so every step is clipped: by the job under
-ZeRO-0, by DeepSpeed's optimisers under ZeRO 1-3."""
+per-step global losses, gradient norms, the final weights and their moving average (as
+train.ema_decay keeps it). Launched by tests with 1 and with 2 processes. The clip is far below
+the gradient norm, so every step is clipped: by the job under ZeRO-0, by DeepSpeed's optimisers
+under ZeRO 1-3."""
 
 from __future__ import annotations
 
