@@ -60,6 +60,10 @@ def resolve_resume(spec: str | None, root: Path) -> Path | None:
     return path
 
 
+def average_file(directory: Path, rank: int) -> Path:
+    return directory / f"average_rank{rank}.pt"
+
+
 def save(engine, root: Path, step: int, trainer_state: dict, rng_state: dict[str, torch.Tensor], keep: int,
          averages: dict[str, torch.Tensor] | None = None) -> Path:
     """Collective: every rank writes its part; rank 0 marks it complete, then prunes."""
@@ -74,7 +78,7 @@ def save(engine, root: Path, step: int, trainer_state: dict, rng_state: dict[str
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save(rng_state, directory / f"rng_rank{rank}.pt")
     if averages is not None:
-        torch.save(averages, directory / f"average_rank{rank}.pt")
+        torch.save(averages, average_file(directory, rank))
     distributed.barrier()
     if rank == 0:
         with atomic_file(directory / TRAINER_STATE) as handle:
@@ -98,8 +102,8 @@ def load(engine, directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict[s
     rng_file = directory / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
         raise ConfigError(f"--resume: {rng_file} missing; the checkpoint was written by a run with a different number of processes")
-    average_file = directory / f"average_rank{rank}.pt"
-    averages = torch.load(average_file, weights_only=True) if average_file.is_file() else None
+    saved_average = average_file(directory, rank)
+    averages = torch.load(saved_average, weights_only=True) if saved_average.is_file() else None
     return trainer_state, torch.load(rng_file, weights_only=True), averages
 
 

@@ -22,7 +22,6 @@ import torch
 from seqrec.errors import ConfigError
 
 
-
 class WeightAverage:
     def __init__(self, parameters: list[torch.nn.Parameter], decay: float, partitioned: bool):
         self.decay = decay
@@ -50,14 +49,19 @@ class WeightAverage:
             if parameter.ds_status.name != "NOT_AVAILABLE" and not parameter.ds_persist:
                 raise RuntimeError(f"weight average: a ZeRO-3 weight is still gathered at the swap: {parameter.ds_summary()}")
 
-    def _regather_replicated(self, release_only: bool = False) -> None:
+    def _release_replicated(self) -> list[torch.nn.Parameter]:
+        """Drop ZeRO-3's whole copies of its replicated weights (their partitions stay); returns
+        those weights."""
         replicated = [parameter for parameter in self._parameters if parameter.ds_persist]
-        if not replicated:
-            return
         gathered = [parameter for parameter in replicated if parameter.ds_status.name == "AVAILABLE"]
         if gathered:
             gathered[0].partition(param_list=gathered)
-        if not release_only:
+        return replicated
+
+    def _regather_replicated(self) -> None:
+        """Rebuild the replicated weights' whole copies from their partitions, as after a step."""
+        replicated = self._release_replicated()
+        if replicated:
             replicated[0].all_gather(param_list=replicated)
 
     def decay_at(self, step: int) -> float:
@@ -86,7 +90,7 @@ class WeightAverage:
             return
         if self._partitioned:
             self._check_released()
-            self._regather_replicated(release_only=True)
+            self._release_replicated()
         live = self._live()
         with torch.no_grad():
             trained = [tensor.detach().clone() for tensor in live]

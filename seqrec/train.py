@@ -364,7 +364,7 @@ class _Trainer:
             try:
                 self.average.load_state_dict(averages)
             except ValueError as exc:
-                raise ConfigError(f"--resume: {directory / f'average_rank{self.info.rank}.pt'}: {exc}") from exc
+                raise ConfigError(f"--resume: {checkpoint.average_file(directory, self.info.rank)}: {exc}") from exc
         elif self.average is not None:
             log.warning("train.ema_decay: %s holds no weight average (written with train.ema_decay null); "
                         "the average starts again from the resumed weights", directory)

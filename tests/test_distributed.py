@@ -127,7 +127,6 @@ def test_kill_nine_then_resume_reaches_the_uninterrupted_result(tiny_dataset, tm
     assert len(kept) == 2 and kept[-1] == f"step_{total_steps:08d}"
 
 
-
 def _reshard(source: Path, target: Path, shard_size: int) -> Path:
     from seqrec.cli import main
 
