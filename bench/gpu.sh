@@ -10,7 +10,9 @@
 #   efficiency     bench/efficiency.py --device cuda (vs naive, MFU against this GPU's bf16 peak,
 #                  evaluation and reader ratios), kept under "gpu" in bench/results/efficiency.json,
 #                  plus the eager step's operator table (--profile: bench/results/profile_cuda.txt),
-#                  to find where the host time of the launch-bound eager step goes
+#                  to find where the host time of the launch-bound eager step goes; then
+#                  bench/host_overhead.py --device cuda (seqrec's step against a plain PyTorch step of
+#                  a tiny model, eager and compiled: how much of that host time is seqrec's own)
 #   quality        four bench/quality.py runs side by side on the one GPU (the eager step is bound by
 #                  the host launching kernels, so one run leaves the GPU mostly idle), QUALITY_MINUTES
 #                  each, every run at the product defaults (lr 1e-3, encoder at 0.3 x, weight decay 1):
@@ -98,7 +100,8 @@ for name in "${steps[@]}"; do
     case $name in
         cuda-tests) step cuda-tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_masking.py tests/test_train.py -k cuda ;;
         deepspeed) step deepspeed 300 deepspeed_runs ;;
-        efficiency) step efficiency 600 "$PYTHON" bench/efficiency.py --device cuda --profile ;;
+        efficiency) step efficiency 600 "$PYTHON" bench/efficiency.py --device cuda --profile
+                    step host-overhead 300 "$PYTHON" bench/host_overhead.py --device cuda ;;
         quality) step quality "$(minutes_limit "$QUALITY_MINUTES")" quality_runs "$QUALITY_MINUTES" ;;
         *) echo "unknown step $name"; failures=$((failures + 1)) ;;
     esac
