@@ -33,6 +33,14 @@ def machine() -> str:
     return host
 
 
+def synchronize(device) -> None:
+    """Wait for the device's queued work, so a timer around it measures the work (no-op on a CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def code_version() -> str:
     """The seqrec commit measured: $SEQREC_CODE_VERSION where set (an exported snapshot, or a
     copy whose .git is not the code's: a copied working tree can carry a stale one), else

@@ -36,14 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, code_version, machine, update_efficiency, versions  # noqa: E402
-
-
-def synchronize(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from common import RESULTS, code_version, machine, synchronize, update_efficiency, versions  # noqa: E402
 
 
 def matmul_peak(dtype, device, seconds: float = 2.0, windows: int = 4) -> float:

@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, code_version, machine, versions, write_results  # noqa: E402
+from common import RESULTS, code_version, machine, synchronize, versions, write_results  # noqa: E402
 
 NUM_ITEMS = 1000
+HIDDEN = 32
 
 
 def main() -> None:
@@ -67,7 +68,7 @@ def main() -> None:
         torch.cuda.set_device(device)
     distributed.init(device.type, timeout_minutes=10)
     config = load_config(None, [
-        "model.pretrained=null", "model.scratch.hidden_size=32", "model.scratch.num_attention_heads=2",
+        "model.pretrained=null", f"model.scratch.hidden_size={HIDDEN}", "model.scratch.num_attention_heads=2",
         f"model.scratch.num_hidden_layers={args.layers}", "model.scratch.intermediate_size=64", "model.dropout=0.0",
         f"data.max_len={max(args.length, 8)}", "train.precision=bf16", f"train.device={args.device}", f"train.batch_size={args.batch}",
     ])
@@ -75,10 +76,13 @@ def main() -> None:
     items = torch.randint(1, NUM_ITEMS + 1, (args.batch, args.length), generator=generator).to(device)
     draws = torch.rand(items.shape, generator=generator).to(device)
 
-    def seqrec_step(compiled: bool):
+    def fresh_model():
         torch.manual_seed(0)
         model, _ = build_model(config.model, NUM_ITEMS, config.data.max_len, device=device)
-        model.to(device)
+        return model.to(device)
+
+    def seqrec_step(compiled: bool):
+        model = fresh_model()
         objective = MaskedItemObjective(model, config.loss.mask_prob, exclude_row_items=config.loss.exclude_row_items)
         engine = TrainingEngine(objective, config, plan_batches(config, 1), 10**6, torch.bfloat16)
         if compiled:
@@ -86,12 +90,10 @@ def main() -> None:
         return lambda: optimizer_step(engine, [items], [draws], LossWeights(1.0, 1.0), 1)
 
     def plain_step():
-        torch.manual_seed(0)
-        model, _ = build_model(config.model, NUM_ITEMS, config.data.max_len, device=device)
-        model.to(device)
+        model = fresh_model()
         mlm, rows = model.mlm, model.vocab.item_rows
         optimizer = torch.optim.AdamW(mlm.parameters(), lr=1e-3, fused=True)
-        tail = torch.full((args.batch, 1, 32), args.length - 1, device=device)
+        tail = torch.full((args.batch, 1, HIDDEN), args.length - 1, device=device)
         targets = items[:, -1] - 1
 
         def step():
@@ -104,17 +106,13 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
         return step
 
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     kinds = {"seqrec": seqrec_step(False), "plain": plain_step()}
     if args.compile:
         kinds["seqrec_compiled"] = seqrec_step(True)
     for step in kinds.values():  # warm-up: first-step allocations, and compilation where compiled
         for _ in range(3):
             step()
-    synchronize()
+    synchronize(device)
 
     seconds: dict[str, list[float]] = {name: [] for name in kinds}
     for _ in range(args.rounds):
@@ -122,17 +120,17 @@ def main() -> None:
             started = time.perf_counter()
             for _ in range(args.steps):
                 step()
-            synchronize()
+            synchronize(device)
             seconds[name].append((time.perf_counter() - started) / args.steps)
 
-    operators = {name: count_operators(step, device, synchronize) for name, step in kinds.items()}
+    operators = {name: count_operators(step, device) for name, step in kinds.items()}
     step_ms = {name: round(1e3 * statistics.median(values), 3) for name, values in seconds.items()}
     results = {
         "seqrec_over_plain_step_time": round(statistics.median(a / b for a, b in zip(seconds["seqrec"], seconds["plain"])), 3),
         "step_ms_median": step_ms,
         "step_ms_rounds": {name: [round(1e3 * value, 3) for value in values] for name, values in seconds.items()},
         "operators_per_step": operators,
-        "setting": {"layers": args.layers, "hidden": 32, "items": NUM_ITEMS, "batch": args.batch, "length": args.length,
+        "setting": {"layers": args.layers, "hidden": HIDDEN, "items": NUM_ITEMS, "batch": args.batch, "length": args.length,
                     "precision": "bf16 autocast", "steps_per_round": args.steps, "rounds": args.rounds},
     }
     if "seqrec_compiled" in seconds:
@@ -158,17 +156,17 @@ def main() -> None:
     print(json.dumps(payload, indent=2))
 
 
-def count_operators(step, device, synchronize) -> dict[str, float]:
+def count_operators(step, device) -> dict[str, float]:
     """aten operators per step (nested ones included), and kernel launches on a GPU."""
     from torch.profiler import ProfilerActivity, profile
 
     steps = 3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    synchronize()
+    synchronize(device)
     with profile(activities=activities) as profiler:
         for _ in range(steps):
             step()
-        synchronize()
+        synchronize(device)
     events = profiler.key_averages()
     counts = {"aten": round(sum(event.count for event in events if event.key.startswith("aten::")) / steps, 1)}
     if device.type == "cuda":
