@@ -1,4 +1,4 @@
-"""bench/gpu.sh's quality step: four runs side by side, each with its own log, and the step fails
+"""bench/gpu.sh's quality step: six runs side by side, each with its own log, and the step fails
 when any run fails. A stand-in interpreter records what each run was asked to do, so the script's
 orchestration is tested here, without a GPU; the runs themselves are bench/quality.py's."""
 
@@ -32,29 +32,29 @@ def run_quality_step(tmp_path: Path, fail_on: str) -> tuple[subprocess.Completed
     return result, logs, marks
 
 
-def test_quality_step_runs_the_four_runs_side_by_side(tmp_path):
+def test_quality_step_runs_the_six_runs_side_by_side(tmp_path):
     result, logs, marks = run_quality_step(tmp_path, fail_on="no run has this")
     assert result.returncode == 0, result.stdout + result.stderr
+    beauty = "--dataset beauty --recipes default --epochs 40 --minutes 0.5 --set train.patience=8 --set train.eval_every=2"
     expected = {
         "ml-1m-6-layers": "--dataset ml-1m --keep-layers 6 --recipes default --minutes 0.5",
-        "beauty-1-layer": "--dataset beauty --recipes default --minutes 0.5",
-        "beauty-6-layers": "--dataset beauty --keep-layers 6 --recipes default --minutes 0.5",
-        "beauty-sasrec": "--dataset beauty --recipes sasrec --minutes 0.5",
+        "beauty-6-layers": f"{beauty} --keep-layers 6 --label gpu-6-layers-40-epochs",
+        **{f"beauty-seed-{seed}": f"{beauty} --set train.seed={seed} --label gpu-seed-{seed}-40-epochs" for seed in range(4)},
     }
     for name, arguments in expected.items():
         log = (logs / f"quality-{name}.log").read_text()
         assert f"args: bench/quality.py {arguments}" in log
-        assert "threads=3" in log
+        assert "threads=2" in log
     starts = [float(path.read_text()) for path in marks.glob("*.start")]
     ends = [float(path.read_text()) for path in marks.glob("*.end")]
-    assert len(starts) == len(ends) == 4
+    assert len(starts) == len(ends) == 6
     assert max(starts) < min(ends), "the runs ran one after another, not side by side"
     assert "gpu.sh: 0 step(s) failed" in result.stdout
 
 
 def test_quality_step_fails_when_one_run_fails(tmp_path):
-    result, _, _ = run_quality_step(tmp_path, fail_on="--recipes sasrec")
+    result, _, _ = run_quality_step(tmp_path, fail_on="--set train.seed=2")
     assert result.returncode == 1
-    assert "beauty-sasrec: failed" in result.stdout
-    assert "beauty-1-layer: seqrec 0.1 0.2" in result.stdout
+    assert "beauty-seed-2: failed" in result.stdout
+    assert "beauty-seed-1: seqrec 0.1 0.2" in result.stdout
     assert "gpu.sh: 1 step(s) failed" in result.stdout
