@@ -33,23 +33,6 @@ def machine() -> str:
     return host
 
 
-def start_device(requested: str, timeout_minutes: float):
-    """The benchmark's device, pinned as the current CUDA device when it is a GPU (so bare
-    `.cuda()` calls and NCCL land on it), and this process's one-rank group joined, as training
-    does before it builds an engine."""
-    import torch
-
-    from seqrec import distributed
-    from seqrec.runtime import resolve_device
-
-    device = resolve_device(requested)
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    distributed.init(device.type, timeout_minutes=timeout_minutes)
-    return device
-
-
 def synchronize(device) -> None:
     """Wait for the device's queued work, so a timer around it measures the work (no-op on a CPU)."""
     import torch

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, code_version, machine, start_device, synchronize, update_efficiency, versions  # noqa: E402
+from common import RESULTS, code_version, machine, synchronize, update_efficiency, versions  # noqa: E402
 
 
 def matmul_peak(dtype, device, seconds: float = 2.0, windows: int = 4) -> float:
@@ -138,6 +138,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     from quality import prepared
+    from seqrec import distributed
     from seqrec.config import load_config
     from seqrec.data.prepared import PreparedDataset
     from seqrec.data.split import EvalSet
@@ -151,7 +152,7 @@ def main() -> None:
     from seqrec.sharded_eval import evaluate_sharded
     from seqrec.train import optimizer_step
 
-    device = start_device(args.device, timeout_minutes=30)
+    device, _ = distributed.start(args.device, timeout_minutes=30)
     # As CPU training does (train.keep_host_memory); process-wide, so the naive recipe gets it too.
     host_memory_kept = False if on_gpu else keep_freed_host_memory()
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, code_version, machine, start_device, synchronize, versions, write_results  # noqa: E402
+from common import RESULTS, code_version, machine, synchronize, versions, write_results  # noqa: E402
 
 NUM_ITEMS = 1000
 HIDDEN = 32
@@ -54,13 +54,14 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
+    from seqrec import distributed
     from seqrec.config import load_config
     from seqrec.engine import TrainingEngine, plan_batches
     from seqrec.losses import LossWeights, MaskedItemObjective
     from seqrec.model import build_model
     from seqrec.train import optimizer_step
 
-    device = start_device(args.device, timeout_minutes=10)
+    device, _ = distributed.start(args.device, timeout_minutes=10)
     config = load_config(None, [
         "model.pretrained=null", f"model.scratch.hidden_size={HIDDEN}", "model.scratch.num_attention_heads=2",
         f"model.scratch.num_hidden_layers={args.layers}", "model.scratch.intermediate_size=64", "model.dropout=0.0",

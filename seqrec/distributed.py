@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from seqrec.runtime import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -112,6 +114,17 @@ def init(device_type: str, timeout_minutes: float) -> DistInfo:
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), backend, launcher)
     log.debug("rank %d of %d (local %d), %s, launched by %s", info.rank, info.world_size, info.local_rank, backend, launcher)
     return info
+
+
+def start(requested_device: str, timeout_minutes: float) -> tuple[torch.device, DistInfo]:
+    """Resolve the device, join the process group, and pin this rank's GPU as the current CUDA
+    device (so bare `.cuda()` calls and NCCL land on it)."""
+    device = resolve_device(requested_device)
+    info = init(device.type, timeout_minutes)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    return device, info
 
 
 def shutdown() -> None:

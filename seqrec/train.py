@@ -37,7 +37,7 @@ from seqrec.evaluate import evaluate_model, format_table, popularity_baseline
 from seqrec.losses import LossParts, LossWeights, MaskedItemObjective
 from seqrec.model import build_model
 from seqrec.optim import planned_total_steps
-from seqrec.runtime import autocast_dtype, keep_freed_host_memory, resolve_device
+from seqrec.runtime import autocast_dtype, keep_freed_host_memory
 from seqrec.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -106,12 +106,8 @@ def optimizer_step(engine: TrainingEngine, items: list[torch.Tensor], draws: lis
 
 def run(config: JobConfig, resume: str | None = None) -> TrainResult:
     """Train (or resume) one job on this process's rank; joins the process group the launcher made."""
-    device = resolve_device(config.train.device)
-    info = distributed.init(device.type, config.distributed.timeout_minutes)
-    if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(device)
-    elif config.train.keep_host_memory and not keep_freed_host_memory():
+    device, info = distributed.start(config.train.device, config.distributed.timeout_minutes)
+    if device.type != "cuda" and config.train.keep_host_memory and not keep_freed_host_memory():
         log.info("train.keep_host_memory: not glibc; freed host memory is returned to the system as usual")
     if not info.is_main:
         logging.getLogger("seqrec").setLevel(logging.WARNING)
