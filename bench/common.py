@@ -9,6 +9,8 @@ import platform
 import subprocess
 from pathlib import Path
 
+from seqrec.atomic import atomic_file
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -75,9 +77,11 @@ def write_results(name: str, payload: dict, table: list[tuple[str, str]]) -> Pat
     """bench/results/<name>.json, and a markdown table of the headline figures beside it."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    with atomic_file(path) as handle:
+        handle.write(json.dumps(payload, indent=2) + "\n")
     lines = [f"# {name}", "", "| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in table), ""]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    with atomic_file(RESULTS / f"{name}.md") as handle:
+        handle.write("\n".join(lines))
     return path
 
 

@@ -12,7 +12,9 @@
 #                  plus the eager step's operator table (--profile: bench/results/profile_cuda.txt),
 #                  to find where the host time of the launch-bound eager step goes; then
 #                  bench/host_overhead.py --device cuda (seqrec's step against a plain PyTorch step of
-#                  a tiny model, eager and compiled: how much of that host time is seqrec's own)
+#                  a tiny model, eager and compiled: how much of that host time is seqrec's own); then
+#                  bench/activation_memory.py --device cuda (a step's memory and time with
+#                  model.activation_checkpointing 0, 1 and 2: all 6 layers, batch 256 x length 200)
 #   quality        six bench/quality.py runs side by side on the one GPU (the eager step is bound by
 #                  the host launching kernels, so one run leaves the GPU mostly idle), each capped at
 #                  QUALITY_MINUTES: Beauty's CPU bench command (first MiniLM layer, its mask 0.4 and
@@ -106,7 +108,8 @@ for name in "${steps[@]}"; do
         cuda-tests) step cuda-tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_masking.py tests/test_train.py -k cuda ;;
         deepspeed) step deepspeed 300 deepspeed_runs ;;
         efficiency) step efficiency 600 "$PYTHON" bench/efficiency.py --device cuda --profile
-                    step host-overhead 300 "$PYTHON" bench/host_overhead.py --device cuda ;;
+                    step host-overhead 300 "$PYTHON" bench/host_overhead.py --device cuda
+                    step activation-memory 300 "$PYTHON" bench/activation_memory.py --device cuda --batch 256 ;;
         quality) step quality "$(minutes_limit "$QUALITY_MINUTES")" quality_runs "$QUALITY_MINUTES" ;;
         *) echo "unknown step $name"; failures=$((failures + 1)) ;;
     esac

@@ -120,6 +120,13 @@ class ModelConfig:
     # matmuls. The first steps pay the compilation (tens of seconds on 2 CPU cores, cached on
     # disk afterwards); needs a C++ compiler on CPU. Not with ZeRO-3 (its hooks gather weights).
     compile: bool = False
+    # Activation checkpointing: 1 keeps only each encoder layer's input for the backward pass and
+    # recomputes the layer there (one more forward pass of the encoder per step); k checkpoints
+    # every k-th layer, trading memory back for speed; 0 = off. Dropout masks are replayed, so
+    # training is unchanged (tests/test_model.py, and under every ZeRO stage in
+    # tests/test_distributed.py). The activations it frees grow with batch x length x layers:
+    # bench/results/activation_memory.md.
+    activation_checkpointing: int = 0
     # Dropout on hidden states (embeddings, attention output, feed-forward); null keeps the model's.
     dropout: float | None = None
     # Dropout on attention probabilities; null: the same as model.dropout. On CPU it costs far
@@ -137,6 +144,8 @@ class ModelConfig:
         _choice(self.positions, "model.positions", ("from_start", "from_end"))
         _choice(self.attention_kernel, "model.attention_kernel", ("auto", "eager", "sdpa"))
         _check(self.keep_layers is None or self.keep_layers >= 1, "model.keep_layers", "must be >= 1 or null", self.keep_layers)
+        _check(self.activation_checkpointing >= 0, "model.activation_checkpointing", "must be >= 0 (0 = off, k = every k-th layer)",
+               self.activation_checkpointing)
         _check(self.item_init_noise is None or self.item_init_noise >= 0, "model.item_init_noise", "must be >= 0 or null", self.item_init_noise)
         _check(self.dropout is None or 0 <= self.dropout < 1, "model.dropout", "must be in [0, 1) or null", self.dropout)
         _check(self.attention_dropout is None or 0 <= self.attention_dropout < 1, "model.attention_dropout", "must be in [0, 1) or null", self.attention_dropout)

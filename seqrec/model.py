@@ -306,6 +306,11 @@ def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[
     # A next-item model has no mask token to query: its query is the last item's own state.
     model = SeqRecModel(mlm, tokenizer, vocab, causal=causal, positions=config.positions, loaded=loaded,
                         next_item=next_item, item_head=config.item_head, query="mask" if next_item else config.query)
+    if config.activation_checkpointing:
+        # Non-reentrant: it recomputes inside the layer's forward, so the hooks of its submodules
+        # (ZeRO-3 gathers weights in them) fire again for the recompute, and it needs no input
+        # that requires grad.
+        mlm.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=config.activation_checkpointing)
     return model, report
 
 

@@ -19,7 +19,7 @@ from seqrec.data.prepared import PreparedDataset
 from seqrec.data.stream import shards_for_rank
 from seqrec.tracking import read_history
 from tests.conftest import REPO
-from tests.workers.equivalence import GRAD_CLIP
+from tests.workers.equivalence import GRAD_CLIP, STEPS
 
 VENV_BIN = Path(sys.executable).parent
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -67,7 +67,7 @@ def equivalence_runs(tmp_path_factory):
     return torch.load(out / "one.pt", weights_only=True), torch.load(out / "two.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3, "3-partitioned"])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3, "3-partitioned", "0-checkpointed", "3-partitioned-checkpointed"])
 def test_two_processes_match_one_with_the_same_global_batch(equivalence_runs, stage):
     one, two = equivalence_runs[0][stage], equivalence_runs[1][stage]
     assert torch.allclose(one["losses"], two["losses"], rtol=0, atol=LOSS_TOLERANCE), (one["losses"], two["losses"])
@@ -90,6 +90,9 @@ def test_two_processes_match_one_with_the_same_global_batch(equivalence_runs, st
     assert torch.isfinite(reference).all() and (reference > 10 * GRAD_CLIP).all(), reference
     for norms in (one["grad_norms"], two["grad_norms"]):
         assert torch.allclose(norms, reference, rtol=1e-4), (norms, reference)
+    # Activation checkpointing ran: the first layer was computed twice a step, else once.
+    calls_per_step = 2 if str(stage).endswith("checkpointed") else 1
+    assert one["attention_calls"] == two["attention_calls"] == calls_per_step * STEPS
 
 
 def test_kill_nine_then_resume_reaches_the_uninterrupted_result(tiny_dataset, tmp_path):

@@ -104,6 +104,42 @@ def test_dropout_settings_reach_the_bert_config(dropout, attention_dropout, expe
     assert (layer.output.dropout.p, layer.attention.self.dropout.p) == expected
 
 
+def _loss_and_gradients(model, recomputed: list) -> tuple[float, dict[str, torch.Tensor]]:
+    from seqrec.losses import LossWeights, MaskedItemObjective
+
+    for index, layer in enumerate(model.mlm.bert.encoder.layer):
+        layer.attention.register_forward_hook(lambda *_, index=index: recomputed.append(index))
+    model.train()
+    generator = torch.Generator().manual_seed(1)
+    items = torch.randint(1, 31, (8, 16), generator=generator)
+    items[:4, 10:] = 0
+    torch.manual_seed(5)  # the dropout masks
+    parts = MaskedItemObjective(model, 0.3)(items, torch.rand((8, 16), generator=generator)).combine(LossWeights(1.0, 1.0))
+    parts.total.backward()
+    return parts.total.item(), {name: p.grad.to_dense() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(("every", "recomputed_layers"), [(1, [0, 1]), (2, [0])])
+def test_activation_checkpointing_recomputes_layers_and_trains_the_same(every, recomputed_layers):
+    """With dropout on, so the recompute must replay the forward pass's dropout masks."""
+    plain_calls, checkpointed_calls = [], []
+    loss, gradients = _loss_and_gradients(_tiny(dropout=0.1)[0], plain_calls)
+    checkpointed_loss, checkpointed = _loss_and_gradients(_tiny(dropout=0.1, activation_checkpointing=every)[0], checkpointed_calls)
+    assert plain_calls == [0, 1]
+    assert checkpointed_calls == [0, 1, *reversed(recomputed_layers)]  # the backward pass recomputes the last layer first
+    assert checkpointed_loss == loss
+    assert gradients.keys() == checkpointed.keys()
+    assert all(torch.equal(gradients[name], checkpointed[name]) for name in gradients)
+
+
+def test_activation_checkpointing_is_checked_at_load():
+    from seqrec.config import load_config
+
+    assert load_config(None, ["model.activation_checkpointing=2"]).model.activation_checkpointing == 2
+    with pytest.raises(ConfigError, match="model.activation_checkpointing: must be >= 0"):
+        load_config(None, ["model.activation_checkpointing=-1"])
+
+
 def test_sequence_longer_than_positions_is_a_clear_error():
     with pytest.raises(ConfigError, match="data.max_len: 600 exceeds the model's max_position_embeddings \\(512\\)"):
         build_model(ModelConfig(keep_layers=1), 5, max_len=600)
