@@ -133,7 +133,7 @@ def main() -> None:
         "shape": {"layers": args.layers, "batch": args.batch, "length": args.length, "items": args.items, "device": args.device},
         "results": rows,
         "machine": machine(), "versions": versions(), "code": code_version(),
-        "command": "python bench/activation_memory.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python bench/activation_memory.py", *sys.argv[1:]]),
     }
     table = [("shape", f"{args.layers} MiniLM layers, batch {args.batch} x length {args.length}, {args.items} items, {args.device}, {rows[0]['precision']}")]
     table += [(f"model.activation_checkpointing={row['activation_checkpointing']}",

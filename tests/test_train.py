@@ -255,10 +255,13 @@ def _step_losses(run_dir):
 
 
 @pytest.mark.slow
-def test_compiled_encoder_trains_like_the_eager_one(small_dataset, tmp_path):
+@pytest.mark.parametrize("activation_checkpointing", [0, 1])
+def test_compiled_encoder_trains_like_the_eager_one(small_dataset, tmp_path, activation_checkpointing):
+    """Also with each compiled layer recomputed in the backward pass (checkpointing inside the graph)."""
     overrides = ("train.max_steps=3", "train.log_every=1", "model.dropout=0.0", "train.precision=fp32")
     eager = run(_config(small_dataset, tmp_path / "eager", *overrides))
-    compiled = run(_config(small_dataset, tmp_path / "compiled", *overrides, "model.compile=true"))
+    compiled = run(_config(small_dataset, tmp_path / "compiled", *overrides, "model.compile=true",
+                           f"model.activation_checkpointing={activation_checkpointing}"))
     assert compiled.metrics["steps"] == eager.metrics["steps"] == 3
     assert _step_losses(tmp_path / "compiled") == pytest.approx(_step_losses(tmp_path / "eager"), rel=1e-3)
     assert compiled.metrics["test"]["NDCG@10"] == pytest.approx(eager.metrics["test"]["NDCG@10"], abs=0.02)
