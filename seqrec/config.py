@@ -123,9 +123,9 @@ class ModelConfig:
     # Activation checkpointing: 1 keeps only each encoder layer's input for the backward pass and
     # recomputes the layer there (one more forward pass of the encoder per step); k checkpoints
     # every k-th layer, trading memory back for speed; 0 = off. Dropout masks are replayed, so
-    # training is unchanged (tests/test_model.py, and under every ZeRO stage in
-    # tests/test_distributed.py). The activations it frees grow with batch x length x layers:
-    # bench/results/activation_memory.md.
+    # training is unchanged (tests/test_model.py; ZeRO-0 and partitioned ZeRO-3 in one and two
+    # processes, tests/test_distributed.py; with model.compile, tests/test_train.py). The
+    # activations it frees grow with batch x length x layers: bench/results/activation_memory.md.
     activation_checkpointing: int = 0
     # Dropout on hidden states (embeddings, attention output, feed-forward); null keeps the model's.
     dropout: float | None = None
