@@ -73,8 +73,7 @@ def child(args: argparse.Namespace, every: int) -> dict:
     from seqrec.runtime import autocast_dtype
 
     device = torch.device(args.device)
-    config = load_config(None, [f"model.keep_layers={args.layers}", f"model.activation_checkpointing={every}",
-                                f"data.max_len={args.length}", f"train.device={args.device}"])
+    config = load_config(None, [f"model.keep_layers={args.layers}", f"model.activation_checkpointing={every}", f"data.max_len={args.length}"])
     torch.manual_seed(0)
     model, _ = build_model(config.model, args.items, args.length, device=device)
     model.to(device).train()
