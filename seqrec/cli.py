@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from seqrec.errors import SeqrecError
+from seqrec.errors import SeqrecError, TrainingStopped
+from seqrec.stop_signals import STOPPED_EXIT_CODE
 
 log = logging.getLogger("seqrec")
 
@@ -25,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     progress.set_quiet(args.quiet)
     try:
         return args.run(args) or 0
+    except TrainingStopped as exc:
+        print(f"seqrec {args.command}: {exc}", file=sys.stderr)
+        return STOPPED_EXIT_CODE
     except SeqrecError as exc:
         print(f"seqrec {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -180,7 +184,11 @@ def _run_train(args: argparse.Namespace) -> None:
 
     from seqrec import distributed
 
-    run(load_config(args.config, args.overrides), resume=args.resume)
+    try:
+        run(load_config(args.config, args.overrides), resume=args.resume)
+    except TrainingStopped:
+        distributed.finish()  # every rank stopped at the same step, checkpoint written: an orderly end
+        raise
     distributed.finish()
 
 

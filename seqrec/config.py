@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from seqrec.errors import ConfigError
+from seqrec.stop_signals import signal_problem
 
 PRETRAINED_DEFAULT = "minilm"
 WORKER_START_METHODS = ("forkserver", "spawn", "fork")
@@ -311,8 +312,15 @@ class TrainConfig:
     # step, e.g. 0.998 averages over ~500 steps) instead of the last step's; null = off. Costs one
     # fp32 copy of each rank's weights (its ZeRO-3 partition) and one pass over them per step.
     ema_decay: float | None = None
+    # Signals that stop training cleanly: every rank stops at the same step, a checkpoint is
+    # written there and the job exits with code 75 for `--resume auto` (seqrec.stop_signals).
+    # Empty: they keep their default action (the process dies, steps since the last checkpoint lost).
+    stop_signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM")
 
     def validate(self) -> None:
+        for name in self.stop_signals:
+            problem = signal_problem(name)
+            _check(problem is None, "train.stop_signals", problem or "", list(self.stop_signals))
         _check(self.ema_decay is None or 0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1) or null (off)", self.ema_decay)
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1 or null", self.micro_batch_size)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = only at the end)", self.checkpoint_every)

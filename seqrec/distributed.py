@@ -145,9 +145,14 @@ def finish() -> None:
 
 def all_true(flag: bool) -> bool:
     """True when `flag` holds on every rank (a CPU collective: no device synchronisation)."""
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_control_group)
-    return bool(value.item())
+    return all_true_each([flag])[0]
+
+
+def all_true_each(flags: list[bool]) -> list[bool]:
+    """For each flag, whether it holds on every rank: several agreements in one CPU collective."""
+    values = torch.tensor([1 if flag else 0 for flag in flags], dtype=torch.int32)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN, group=_control_group)
+    return [bool(value) for value in values.tolist()]
 
 
 def gather_floats(values: list[float]) -> list[list[float]]:
@@ -156,6 +161,13 @@ def gather_floats(values: list[float]) -> list[list[float]]:
     gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local, group=_control_group)
     return [row.tolist() for row in gathered]
+
+
+def gather_objects(value) -> list:
+    """Every rank's `value` (picklable), indexed by rank, on every rank."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value, group=_control_group)
+    return gathered
 
 
 def broadcast_object(value, src: int = 0):

@@ -26,3 +26,8 @@ class ConfigError(SeqrecError):
 
 class ShardError(SeqrecError):
     """A prepared dataset or one of its shards is missing, corrupt or of the wrong version."""
+
+
+class TrainingStopped(SeqrecError):
+    """Training stopped at a step boundary on a stop signal, after writing a checkpoint: the same
+    command with `--resume auto` continues it (seqrec.stop_signals)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from seqrec.atomic import atomic_file
 from seqrec.config import JobConfig
+from seqrec.stop_signals import STOPPED_EXIT_CODE
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,17 @@ class Tracker:
         for key, value in flatten({"test": metrics.get("test", {}), "valid": metrics.get("valid", {})}).items():
             self.run.summary[key] = value
         self.run.finish()
+        self.run = None
+
+
+    def stopped(self, step: int) -> None:
+        """A stop signal ended training at `step`, checkpointed: the wandb run is marked preempted
+        and closed; `--resume auto` reopens it (its id is kept in the run directory)."""
+        if self.run is None:
+            return
+        self.run.summary["stopped_at_step"] = step
+        self.run.mark_preempting()
+        self.run.finish(exit_code=STOPPED_EXIT_CODE)
         self.run = None
 
 

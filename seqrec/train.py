@@ -31,13 +31,14 @@ from seqrec.data.prepared import ITEMS_FILE, PreparedDataset
 from seqrec.data.stream import StreamOptions, batches_per_rank, sequence_loader
 from seqrec.distributed import DistInfo
 from seqrec.ema import WeightAverage
-from seqrec.errors import ConfigError
+from seqrec.errors import ConfigError, TrainingStopped
 from seqrec.engine import BatchPlan, TrainingEngine, plan_batches
 from seqrec.evaluate import evaluate_model, format_table, popularity_baseline
 from seqrec.losses import LossParts, LossWeights, MaskedItemObjective
 from seqrec.model import build_model
 from seqrec.optim import planned_total_steps
 from seqrec.runtime import autocast_dtype, keep_freed_host_memory
+from seqrec.stop_signals import StopSignals, held_back
 from seqrec.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,15 @@ BEST_WEIGHTS = "best_weights.safetensors"
 class TrainResult:
     run_dir: Path
     metrics: dict
+
+
+@dataclass
+class EpochEnd:
+    """How `_train_epoch` ended: its steps done (each rank's leftover micro-batches, or None when
+    the step budget ended it first), or a stop the ranks agreed on before its next step."""
+
+    leftover: list[int] | None = None
+    stopped: bool = False
 
 
 @dataclass
@@ -106,17 +116,18 @@ def optimizer_step(engine: TrainingEngine, items: list[torch.Tensor], draws: lis
 
 def run(config: JobConfig, resume: str | None = None) -> TrainResult:
     """Train (or resume) one job on this process's rank; joins the process group the launcher made."""
-    device, info = distributed.start(config.train.device, config.distributed.timeout_minutes)
-    if device.type != "cuda" and config.train.keep_host_memory and not keep_freed_host_memory():
-        log.info("train.keep_host_memory: not glibc; freed host memory is returned to the system as usual")
-    if not info.is_main:
-        logging.getLogger("seqrec").setLevel(logging.WARNING)
-    return _Trainer(config, info, device).run(resume)
+    with StopSignals(config.train.stop_signals) as stop:
+        device, info = distributed.start(config.train.device, config.distributed.timeout_minutes)
+        if device.type != "cuda" and config.train.keep_host_memory and not keep_freed_host_memory():
+            log.info("train.keep_host_memory: not glibc; freed host memory is returned to the system as usual")
+        if not info.is_main:
+            logging.getLogger("seqrec").setLevel(logging.WARNING)
+        return _Trainer(config, info, device, stop).run(resume)
 
 
 class _Trainer:
-    def __init__(self, config: JobConfig, info: DistInfo, device: torch.device):
-        self.config, self.info, self.device = config, info, device
+    def __init__(self, config: JobConfig, info: DistInfo, device: torch.device, stop: StopSignals):
+        self.config, self.info, self.device, self.stop = config, info, device, stop
         self.run_dir = config.run_path
         self.checkpoints = self.run_dir / "checkpoints"
         self.amp = autocast_dtype(config.train.precision, device)
@@ -224,9 +235,14 @@ class _Trainer:
         while not finished and state.epoch < config.train.epochs:
             epoch = state.epoch
             epoch_started = time.perf_counter()
-            ran_dry = self._train_epoch(state)
+            end = self._train_epoch(state)
             now = time.perf_counter()
             state.train_seconds += now - epoch_started
+            # Before validation too, which can take minutes on a large catalogue: the grace a
+            # cluster gives after its signal may not cover it.
+            if end.stopped or self._stop_agreed():
+                self._stop(state)
+            ran_dry = end.leftover
             recent_cycles.append(now - last_epoch_end)
             out_of_time = self._check_time_budget(state, now - started, sum(recent_cycles) / len(recent_cycles))
             last_epoch_end = now
@@ -253,9 +269,32 @@ class _Trainer:
                 log.info("epoch %d: %d steps; micro-batches left over per rank beyond the shortest: %s", epoch, self.epoch_steps[epoch], ran_dry)
             if stop:
                 break
-        if not distributed.broadcast_object((self.checkpoints / checkpoint.tag_for(state.step) / checkpoint.COMPLETE_MARKER).is_file()):
+        if not self._checkpoint_complete(state.step):
             self._checkpoint(state)
+        if self._stop_agreed():
+            # Training is over and checkpointed; a resumed run goes straight to the test.
+            self._stop(state)
         return self._finish(state, started, evaluate, test_set, resume_from)
+
+    def _checkpoint_complete(self, step: int) -> bool:
+        return distributed.broadcast_object((self.checkpoints / checkpoint.tag_for(step) / checkpoint.COMPLETE_MARKER).is_file())
+
+    def _stop_agreed(self) -> bool:
+        """Whether a stop signal reached any rank (a CPU collective every rank makes)."""
+        return not distributed.all_true(not self.stop.requested)
+
+    def _stop(self, state: LoopState) -> None:
+        """Checkpoint where every rank stands, close the tracker, and leave with TrainingStopped."""
+        if not self._checkpoint_complete(state.step):
+            self._checkpoint(state)
+        saved = self.checkpoints / checkpoint.tag_for(state.step)
+        received = distributed.gather_objects(self.stop.received)
+        signalled = ", ".join(f"{name} on rank {rank}" for rank, name in enumerate(received) if name) or "?"
+        self.tracker.stopped(state.step)
+        raise TrainingStopped(
+            f"stopped by {signalled} at step {state.step} (epoch {state.epoch}, {state.micro_batches_in_epoch} micro-batches into it); "
+            f"checkpoint {saved}; run the same command with --resume auto to continue"
+        )
 
     def _check_time_budget(self, state: LoopState, elapsed_s: float, cycle_s: float) -> bool:
         """At an epoch end: whether the time budget is spent, and, while it is not, re-plan the
@@ -277,27 +316,34 @@ class _Trainer:
             self.engine.replan(planned)
         return out_of_time
 
-    def _train_epoch(self, state: LoopState) -> list[int] | None:
-        """One epoch (or its remainder after a resume); returns each rank's leftover micro-batches."""
+    def _train_epoch(self, state: LoopState) -> EpochEnd:
+        """One epoch (or its remainder after a resume), or its part before a stop signal."""
         config, plan = self.config, self.plan
         stream = self.data.sequences(self.stream_options, self.info.rank, self.info.world_size, epoch=state.epoch)
         loader = sequence_loader(stream, self.stream_options, plan.micro_batch, config.data.num_workers,
                                  pin_memory=self.device.type == "cuda", worker_start=config.data.worker_start)
-        batches = iter(loader)
+        with held_back(config.train.stop_signals):  # the reader's processes start here
+            batches = iter(loader)
         for _ in range(state.micro_batches_in_epoch):
             next(batches)
         steps_left = min(self.epoch_steps[state.epoch] - state.micro_batches_in_epoch // plan.accumulation, self.total_steps - state.step)
         with progress.bar(total=max(steps_left, 0), desc=f"epoch {state.epoch}", unit="step") as bar:
             return self._train_steps(state, batches, bar)
 
-    def _train_steps(self, state: LoopState, batches, bar) -> list[int] | None:
+    def _train_steps(self, state: LoopState, batches, bar) -> EpochEnd:
         config, plan = self.config, self.plan
         window_started, window_sequences, window_tokens = time.perf_counter(), 0, 0
         while state.step < self.total_steps:
             micro_batches = [batch for batch in (next(batches, None) for _ in range(plan.accumulation)) if batch is not None]
-            if not distributed.all_true(len(micro_batches) == plan.accumulation):
+            # One collective for both: a signal seen by any rank stops every rank before the same
+            # step. The micro-batches read for it are read again after a resume (the checkpoint's
+            # count of consumed micro-batches excludes them).
+            full_step, carry_on = distributed.all_true_each([len(micro_batches) == plan.accumulation, not self.stop.requested])
+            if not carry_on:
+                return EpochEnd(stopped=True)
+            if not full_step:
                 leftover = len(micro_batches) + sum(1 for _ in batches)
-                return [int(row[0]) for row in distributed.gather_floats([leftover])]
+                return EpochEnd(leftover=[int(row[0]) for row in distributed.gather_floats([leftover])])
             parts = self._step(micro_batches)
             bar.update()
             state.step += 1
@@ -328,7 +374,7 @@ class _Trainer:
                 window_started, window_sequences, window_tokens = time.perf_counter(), 0, 0
             if config.train.checkpoint_every and state.step % config.train.checkpoint_every == 0 and state.step < self.total_steps:
                 self._checkpoint(state)
-        return None
+        return EpochEnd()
 
     def _step(self, micro_batches) -> LossParts:
         items = [batch.items.to(self.device, non_blocking=True) for batch in micro_batches]

@@ -150,3 +150,60 @@ def test_sbatch_runs_two_task_training_and_writes_checkpoint_and_metrics(tiny_da
     assert metrics["processes"] == 2 and metrics["steps"] > 0 and metrics["backend"] == "gloo"
     assert any((path / "COMPLETE").is_file() for path in (run_dir / "checkpoints").iterdir())
     assert "2 process(es) (srun" in logs
+
+
+def _job_state(job: str, env: dict) -> dict[str, str]:
+    shown = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    return dict(word.split("=", 1) for word in shown.split() if word.startswith(("JobState=", "Restarts=")))
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the line being written
+            continue
+    return [row["step"] for row in rows if "loss" in row]
+
+
+@pytest.mark.timeout(900)
+def test_the_time_limit_signal_checkpoints_requeues_and_the_job_resumes_to_the_end(tiny_dataset, tmp_path):
+    """What `--signal=B:USR1@300` does near the time limit, sent at once with scancel: the batch
+    shell passes it to every task (and so to every process of theirs, the reader's included), the
+    tasks stop at one step and checkpoint, and the job requeues itself and continues from there."""
+    _ensure_installed()
+    run_dir = tmp_path / "run"
+    with slurm_cluster(tmp_path / "slurm") as env:
+        env["SEQREC_PYTHON"] = str(Path(os.sys.executable))
+        submitted = subprocess.run([
+            "sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={tmp_path / 'job-%j.log'}",
+            f"--chdir={REPO}", "launcher/slurm/train.sbatch", "configs/tiny.yaml",
+            "--set", f"data.dataset={tiny_dataset}", "--set", f"run_dir={run_dir}", "--set", "train.epochs=10", "--set", "train.log_every=1",
+            "--set", "data.num_workers=1", "--set", "tracking.wandb=disabled",
+        ], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert submitted.returncode == 0, submitted.stderr
+        job = submitted.stdout.strip().split(";")[0]
+        logs = lambda: "".join(path.read_text() for path in tmp_path.glob("job-*.log"))  # noqa: E731
+        deadline = time.monotonic() + 300
+        while len(_logged_steps(run_dir)) < 3:
+            assert time.monotonic() < deadline and _job_state(job, env).get("JobState") in ("PENDING", "RUNNING"), logs()[-4000:]
+            time.sleep(0.1)
+        assert subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, timeout=60).returncode == 0
+        deadline = time.monotonic() + 300
+        while (state := _job_state(job, env)).get("JobState") != "COMPLETED":
+            assert time.monotonic() < deadline and state.get("JobState") in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"), (state, logs()[-4000:])
+            if state.get("JobState") == "PENDING" and state.get("Restarts") == "1":
+                # SLURM holds a requeued job back for minutes; the test need not wait for that.
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True, timeout=60)
+            time.sleep(0.2)
+        log = logs()
+    assert state.get("Restarts") == "1"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    stopped_at = int(Path(metrics["resumed_from"]).name.removeprefix("step_"))
+    assert 3 <= stopped_at < metrics["steps"]
+    assert "0: seqrec train: stopped by SIGUSR1 on rank 0, SIGUSR1 on rank 1 at step" in log
+    assert "requeueing to continue from its checkpoint" in log and "(restart 1)" in log
+    assert "died unexpectedly" not in log, "the reader's helper processes must not die of the signal"
+    steps = _logged_steps(run_dir)
+    assert steps == list(range(1, metrics["steps"] + 1)), "each step once, across the requeue"
