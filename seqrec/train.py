@@ -5,6 +5,7 @@ The same loop runs as one plain process or as one rank of many (deepspeed, torch
 Every rank takes the same number of optimiser steps per epoch: before each step the ranks agree
 (over a CPU group) that all of them still have a full step of micro-batches; the first rank to
 run dry ends the epoch for all, and the surplus of the others is reported, not silently trained on.
+The same agreement carries stop signals (seqrec.stop_signals): all ranks stop before one step.
 """
 
 from __future__ import annotations
