@@ -31,3 +31,8 @@ class ShardError(SeqrecError):
 class TrainingStopped(SeqrecError):
     """Training stopped at a step boundary on a stop signal, after writing a checkpoint: the same
     command with `--resume auto` continues it (seqrec.stop_signals)."""
+
+
+class TrainingDiverged(SeqrecError):
+    """The training loss went NaN or infinite: training ended before a checkpoint or validation
+    used the poisoned weights (seqrec.divergence)."""

@@ -32,7 +32,8 @@ from seqrec.data.prepared import ITEMS_FILE, PreparedDataset
 from seqrec.data.stream import StreamOptions, batches_per_rank, sequence_loader
 from seqrec.distributed import DistInfo
 from seqrec.ema import WeightAverage
-from seqrec.errors import ConfigError, TrainingStopped
+from seqrec.divergence import DivergenceWatch
+from seqrec.errors import ConfigError, TrainingDiverged, TrainingStopped
 from seqrec.engine import BatchPlan, TrainingEngine, plan_batches
 from seqrec.evaluate import evaluate_model, format_table, popularity_baseline
 from seqrec.losses import LossParts, LossWeights, MaskedItemObjective
@@ -192,6 +193,7 @@ class _Trainer:
         if config.model.compile:
             self.model.compile_encoder()
         self.generator = torch.Generator(device=self.device).manual_seed(config.train.seed * 1_000_003 + info.rank)
+        self.divergence = DivergenceWatch(self.device, enabled=self.amp != torch.float16)
         self.loss_weights = LossWeights(0.0, 1.0) if model.next_item else LossWeights(
             config.loss.tail_weight, config.loss.masked_weight, config.loss.contrastive_weight,
         )
@@ -250,6 +252,7 @@ class _Trainer:
             finished = state.step >= self.total_steps or epoch + 1 == config.train.epochs or out_of_time
             stop = False
             if (epoch + 1) % config.train.eval_every == 0 or finished:
+                self._check_finite(state)
                 with self._evaluated_weights():
                     valid = distributed.broadcast_object(evaluate(valid_set))
                     improved = valid[EARLY_STOP_METRIC] > state.best_score
@@ -348,6 +351,7 @@ class _Trainer:
             parts = self._step(micro_batches)
             bar.update()
             state.step += 1
+            self.divergence.observe(parts.total, state.step)
             if self.average is not None:
                 self.average.update(state.step)
             state.micro_batches_in_epoch += plan.accumulation
@@ -372,6 +376,7 @@ class _Trainer:
                 log.info("step %d epoch %d loss %.4f (tail %.4f masked %.4f%s) lr %.2e | %.0f seq/s %.0f tok/s over %d rank(s)",
                          state.step, state.epoch, row["loss"], row["loss_tail"], row["loss_masked"], contrast, row["lr"],
                          row["sequences_per_s"], row["tokens_per_s"], len(rates))
+                self._check_finite(state)
                 window_started, window_sequences, window_tokens = time.perf_counter(), 0, 0
             if config.train.checkpoint_every and state.step % config.train.checkpoint_every == 0 and state.step < self.total_steps:
                 self._checkpoint(state)
@@ -391,7 +396,22 @@ class _Trainer:
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
+    def _check_finite(self, state: LoopState) -> None:
+        """Raise TrainingDiverged on every rank if any rank's loss went non-finite (a collective)."""
+        found = self.divergence.first_bad_step()
+        if found is None:
+            return
+        step, ranks = found
+        last = checkpoint.latest_checkpoint(self.checkpoints)
+        raise TrainingDiverged(
+            f"the training loss was not finite at step {step} (rank(s) {', '.join(map(str, ranks))}; noticed at step {state.step}), "
+            f"so the weights are too; stopped before any checkpoint or validation used them. Last complete checkpoint: "
+            f"{last if last is not None else 'none'}. Usual causes: a learning rate too high for the model (optim.lr, "
+            "optim.pretrained_lr_scale, optim.warmup_steps) or no gradient clipping (optim.grad_clip)"
+        )
+
     def _checkpoint(self, state: LoopState) -> None:
+        self._check_finite(state)
         averages = None if self.average is None else self.average.state_dict()
         checkpoint.save(self.engine.engine, self.checkpoints, state.step, asdict(state), self._rng_state(), self.config.train.keep_checkpoints, averages)
 
