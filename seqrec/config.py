@@ -304,6 +304,9 @@ class TrainConfig:
     time_limit_minutes: float | None = None
     # DeepSpeed checkpoints under <run_dir>/checkpoints every N optimiser steps (0 = only at the end).
     checkpoint_every: int = 0
+    # Also whenever this many minutes have passed since the last checkpoint (null: off): a period
+    # that holds whatever the step time, against losses a signal cannot warn of (a node failing).
+    checkpoint_every_minutes: float | None = None
     keep_checkpoints: int = 2
     # CPU training: malloc keeps freed memory for reuse (see runtime.keep_freed_host_memory);
     # faster steps, but the process holds its peak memory until it exits.
@@ -324,6 +327,8 @@ class TrainConfig:
         _check(self.ema_decay is None or 0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1) or null (off)", self.ema_decay)
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1 or null", self.micro_batch_size)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = only at the end)", self.checkpoint_every)
+        _check(self.checkpoint_every_minutes is None or self.checkpoint_every_minutes > 0, "train.checkpoint_every_minutes",
+               "must be > 0 or null (off)", self.checkpoint_every_minutes)
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1", self.keep_checkpoints)
         _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
         _check(self.time_limit_minutes is None or self.time_limit_minutes > 0, "train.time_limit_minutes", "must be > 0 or null", self.time_limit_minutes)

@@ -46,6 +46,12 @@ from seqrec.tracking import Tracker
 log = logging.getLogger(__name__)
 
 EARLY_STOP_METRIC = "NDCG@10"
+
+
+def _clock() -> float:
+    """Seconds on a clock that only moves forward (for the checkpoint period)."""
+    return time.monotonic()
+
 BEST_WEIGHTS = "best_weights.safetensors"
 
 
@@ -229,6 +235,7 @@ class _Trainer:
         )
 
         self.engine.train()
+        self._last_checkpoint_at = _clock()
         finished = state.step >= self.total_steps
         last_epoch_end = time.perf_counter()
         # An epoch's cycle (its training plus the validation before it) alternates between short
@@ -339,15 +346,20 @@ class _Trainer:
         window_started, window_sequences, window_tokens = time.perf_counter(), 0, 0
         while state.step < self.total_steps:
             micro_batches = [batch for batch in (next(batches, None) for _ in range(plan.accumulation)) if batch is not None]
-            # One collective for both: a signal seen by any rank stops every rank before the same
-            # step. The micro-batches read for it are read again after a resume (the checkpoint's
+            # One collective for all three: a signal seen by any rank stops every rank before the
+            # same step, and a checkpoint period that ran out on any rank's clock saves on all. The
+            # micro-batches read for this step are read again after a resume (the checkpoint's
             # count of consumed micro-batches excludes them).
-            full_step, carry_on = distributed.all_true_each([len(micro_batches) == plan.accumulation, not self.stop.requested])
+            full_step, carry_on, not_due = distributed.all_true_each(
+                [len(micro_batches) == plan.accumulation, not self.stop.requested, not self._checkpoint_due()]
+            )
             if not carry_on:
                 return EpochEnd(stopped=True)
             if not full_step:
                 leftover = len(micro_batches) + sum(1 for _ in batches)
                 return EpochEnd(leftover=[int(row[0]) for row in distributed.gather_floats([leftover])])
+            if not not_due and not self._checkpoint_complete(state.step):
+                self._checkpoint(state)
             parts = self._step(micro_batches)
             bar.update()
             state.step += 1
@@ -396,6 +408,10 @@ class _Trainer:
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
+    def _checkpoint_due(self) -> bool:
+        minutes = self.config.train.checkpoint_every_minutes
+        return minutes is not None and _clock() - self._last_checkpoint_at >= 60 * minutes
+
     def _check_finite(self, state: LoopState) -> None:
         """Raise TrainingDiverged on every rank if any rank's loss went non-finite (a collective)."""
         found = self.divergence.first_bad_step()
@@ -414,6 +430,7 @@ class _Trainer:
         self._check_finite(state)
         averages = None if self.average is None else self.average.state_dict()
         checkpoint.save(self.engine.engine, self.checkpoints, state.step, asdict(state), self._rng_state(), self.config.train.keep_checkpoints, averages)
+        self._last_checkpoint_at = _clock()
 
     def _restore(self, directory: Path) -> LoopState:
         saved, rng, averages = checkpoint.load(self.engine.engine, directory)

@@ -411,3 +411,23 @@ def test_label_smoothing_reaches_the_training_loss(small_dataset, tmp_path, monk
     smoothing.clear()
     run(_config(small_dataset, tmp_path / "smoothed", "train.max_steps=1", "loss.label_smoothing=0.25"))
     assert smoothing and set(smoothing) == {0.25}
+
+
+def test_checkpoints_follow_the_clock_when_a_period_in_minutes_is_set(tiny_dataset, tmp_path, monkeypatch):
+    from seqrec import train as train_module
+
+    now = [0.0]
+    monkeypatch.setattr(train_module, "_clock", lambda: now[0])
+    original = train_module._Trainer._step
+
+    def step_of_20_seconds(self, micro_batches):
+        now[0] += 20.0
+        return original(self, micro_batches)
+
+    monkeypatch.setattr(train_module._Trainer, "_step", step_of_20_seconds)
+    run_dir = tmp_path / "run"
+    result = run(_config(tiny_dataset, run_dir, "train.epochs=3", "train.checkpoint_every_minutes=1", "train.keep_checkpoints=100"))
+    total = result.metrics["steps"]
+    saved = sorted(int(path.name.removeprefix("step_")) for path in (run_dir / "checkpoints").iterdir())
+    # A minute is 3 steps here: saved before the 4th, 7th, ... step (across epoch ends), and at the end.
+    assert total > 9 and saved == [*range(3, total, 3), total]
