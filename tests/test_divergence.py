@@ -68,3 +68,17 @@ def test_a_nan_loss_on_one_rank_ends_every_rank_with_the_error(tiny_dataset, tmp
     assert result.returncode != 0
     assert time.monotonic() - started < 120, "a rank left alone in a collective would hang until the timeout"
     assert result.stderr.count("not finite at step 4 (rank(s) 1; noticed at step 4)") == 2, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; runs where a GPU is present")
+def test_observing_losses_on_cuda_never_synchronises_with_the_host():
+    watch = DivergenceWatch(torch.device("cuda"))
+    losses = [torch.tensor(value, device="cuda") for value in (1.0, float("nan"), 2.0)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step, loss in enumerate(losses, start=1):
+            watch.observe(loss, step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(watch._first_bad.item()) == 2

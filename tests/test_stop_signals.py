@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from seqrec import train as train_module
 from seqrec.config import load_config
@@ -243,3 +244,24 @@ def test_one_signalled_rank_stops_both_at_the_same_step_and_the_resume_matches(t
                              env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_run(run_dir, reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; runs where a GPU is present")
+def test_a_cuda_run_over_nccl_stops_on_sigusr1_and_resumes_to_the_end(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, *map(str, train_args(tiny_dataset, run_dir, *OVERRIDES, "train.epochs=30", "train.device=cuda",
+                                                 "train.precision=bf16", "data.num_workers=1"))]
+    process = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_step(run_dir, 12, process)
+        os.killpg(process.pid, signal.SIGUSR1)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == STOPPED_EXIT_CODE, stderr[-3000:]
+    resumed = subprocess.run([*args, "--resume", "auto"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (metrics["device"], metrics["precision"], metrics["backend"]) == ("cuda:0", "torch.bfloat16", "nccl")
+    assert metrics["epochs_run"] == 30 and metrics["resumed_from"] is not None
