@@ -91,20 +91,28 @@ def save(engine, root: Path, step: int, trainer_state: dict, rng_state: dict[str
     return directory
 
 
-def load(engine, directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """Restore model, optimiser and scheduler; return the trainer state, this rank's RNG states and
-    its weight average (None when the checkpoint has none)."""
-    rank = torch.distributed.get_rank()
+def read_trainer_state(directory: Path) -> dict:
+    """The loop position a checkpoint holds (read before anything is loaded, to check it fits)."""
+    return json.loads((directory / TRAINER_STATE).read_text())
+
+
+def holds_partitioned_state(directory: Path) -> bool:
+    """Whether DeepSpeed wrote per-process ZeRO partitions (stages 1-3), which only load into
+    the number of processes that wrote them; ZeRO-0 keeps one full copy for any number."""
+    return any(directory.glob("zero_pp_rank_*"))
+
+
+def load(engine, directory: Path, rank_written: int) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """Restore model, optimiser and scheduler; return the RNG states and the weight average that
+    rank `rank_written` of the writing run saved (None where it saved none)."""
     path, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise ConfigError(f"--resume: DeepSpeed could not load {directory}")
-    trainer_state = json.loads((directory / TRAINER_STATE).read_text())
-    rng_file = directory / f"rng_rank{rank}.pt"
-    if not rng_file.is_file():
-        raise ConfigError(f"--resume: {rng_file} missing; the checkpoint was written by a run with a different number of processes")
-    saved_average = average_file(directory, rank)
+    rng_file = directory / f"rng_rank{rank_written}.pt"
+    saved_average = average_file(directory, rank_written)
+    rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
     averages = torch.load(saved_average, weights_only=True) if saved_average.is_file() else None
-    return trainer_state, torch.load(rng_file, weights_only=True), averages
+    return rng, averages
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:

@@ -86,6 +86,9 @@ class LoopState:
     train_seconds: float = 0.0
     world_size: int = 1
     global_batch: int = 0
+    # Micro-batches per step per rank. Checkpoints from before it was saved used the default
+    # micro-batch (batch / world size), whose accumulation is 1.
+    accumulation: int = 1
 
 
 # The fastest encoder rate seen to train all 6 MiniLM layers (ML-1M, GPU); 1e-3 stayed at popularity.
@@ -222,7 +225,7 @@ class _Trainer:
         started = time.perf_counter()
         self._setup()
         config, info = self.config, self.info
-        state = LoopState(world_size=info.world_size, global_batch=self.plan.global_batch)
+        state = LoopState(world_size=info.world_size, global_batch=self.plan.global_batch, accumulation=self.plan.accumulation)
         resume_from = checkpoint.resolve_resume(resume, self.checkpoints)
         if resume_from is not None:
             state = self._restore(resume_from)
@@ -433,13 +436,21 @@ class _Trainer:
         self._last_checkpoint_at = _clock()
 
     def _restore(self, directory: Path) -> LoopState:
-        saved, rng, averages = checkpoint.load(self.engine.engine, directory)
-        state = LoopState(**saved)
-        if state.world_size != self.info.world_size or state.global_batch != self.plan.global_batch:
+        state = LoopState(**checkpoint.read_trainer_state(directory))
+        if state.global_batch != self.plan.global_batch:
             raise ConfigError(
-                f"--resume: {directory} was written by {state.world_size} process(es) with global batch {state.global_batch}; "
-                f"this run has {self.info.world_size} and {self.plan.global_batch}"
+                f"--resume: {directory} was written with global batch {state.global_batch} (train.batch_size); this run has "
+                f"{self.plan.global_batch}. Keep the batch size: it sets what a step is, and the schedule counts steps"
             )
+        written_by, world = state.world_size, self.info.world_size
+        regrouped = written_by != world
+        if regrouped and (checkpoint.holds_partitioned_state(directory) or self.engine.zero_stage != 0):
+            raise ConfigError(
+                f"--resume: {directory} was written by {written_by} process(es), this run has {world}. Only ZeRO-0 checkpoints "
+                "(one full copy of the optimiser state) resume on another number of processes, into a ZeRO-0 run; ZeRO-1..3 "
+                f"partition that state per process: resume with {written_by} process(es)"
+            )
+        rng, averages = checkpoint.load(self.engine.engine, directory, self.info.rank if not regrouped else 0)
         if self.average is not None and averages is not None:
             try:
                 self.average.load_state_dict(averages)
@@ -448,12 +459,43 @@ class _Trainer:
         elif self.average is not None:
             log.warning("train.ema_decay: %s holds no weight average (written with train.ema_decay null); "
                         "the average starts again from the resumed weights", directory)
+        if regrouped:
+            self._regroup(state, directory)
+            return state
+        if rng is None:
+            raise ConfigError(f"--resume: {directory} has no RNG states of rank {self.info.rank}: an incomplete checkpoint")
         self.generator.set_state(rng["masking"])
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", directory, state.step, state.epoch, state.micro_batches_in_epoch)
         return state
+
+    def _regroup(self, state: LoopState, directory: Path) -> None:
+        """Continue a ZeRO-0 checkpoint on another number of processes. Weights, optimiser and
+        schedule continue exactly and a step stays the same global batch, but the ranks now read
+        other shards: each rank skips as many of its own micro-batches as the epoch's steps so
+        far took, so as many sequences as before are skipped, though not the same ones, and the
+        masking and dropout generators start again from the seed, the rank and the step."""
+        written_by = state.world_size
+        steps_into_epoch = state.micro_batches_in_epoch // state.accumulation
+        state.micro_batches_in_epoch = steps_into_epoch * self.plan.accumulation
+        state.world_size, state.accumulation = self.info.world_size, self.plan.accumulation
+        seed = (self.config.train.seed * 1_000_003 + self.info.rank) * 1_000_033 + state.step
+        self.generator.manual_seed(seed)
+        torch.manual_seed(seed)
+        # The epochs so far took the old layout's steps, the rest take this one's (its ranks read
+        # other shards, so an epoch can be a step or two longer or shorter): the schedule, which
+        # came back planned for the old layout, now ends where this run will.
+        remaining = max(self.epoch_steps[state.epoch] - steps_into_epoch, 0) + sum(self.epoch_steps[state.epoch + 1:])
+        total = state.step + remaining
+        self.total_steps = min(total, self.config.train.max_steps) if self.config.train.max_steps else total
+        self.engine.replan(self.total_steps)
+        log.warning(
+            "resumed from %s, written by %d process(es), on %d: step %d, epoch %d, %d step(s) into it. Weights, optimiser "
+            "and schedule continue; the rest of this epoch reads other sequences than the old layout would have, and the "
+            "masking draws start anew", directory, written_by, self.info.world_size, state.step, state.epoch, steps_into_epoch,
+        )
 
     def _encoder_lr(self) -> float:
         optim = self.config.optim

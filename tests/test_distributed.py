@@ -17,6 +17,7 @@ import torch
 
 from seqrec.data.prepared import PreparedDataset
 from seqrec.data.stream import shards_for_rank
+from seqrec.optim import lr_factor
 from seqrec.tracking import read_history
 from tests.conftest import REPO
 from tests.workers.equivalence import GRAD_CLIP, STEPS
@@ -128,6 +129,48 @@ def test_kill_nine_then_resume_reaches_the_uninterrupted_result(tiny_dataset, tm
     assert metrics["test"] == pytest.approx(reference_metrics["test"], abs=1e-9)
     kept = sorted(path.name for path in (run_dir / "checkpoints").iterdir() if path.name.startswith("step_"))
     assert len(kept) == 2 and kept[-1] == f"step_{total_steps:08d}"
+
+
+def _single(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _lr_by_step(run_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["lr"] for row in read_history(run_dir) if "loss" in row}
+
+
+@pytest.mark.parametrize("written_by, resumed_on", [(2, 1), (1, 2)])
+def test_a_zero0_checkpoint_resumes_on_another_number_of_processes(tiny_dataset, tmp_path, written_by, resumed_on):
+    overrides = ("train.epochs=3", "train.checkpoint_every=7", "train.keep_checkpoints=10", "train.log_every=1")
+    launch = lambda nproc, *args: torchrun(nproc, *args) if nproc > 1 else _single(*args)  # noqa: E731
+    first = launch(written_by, *train_args(tiny_dataset, tmp_path / "first", *overrides))
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = tmp_path / "first" / "checkpoints" / "step_00000014"
+    resumed = launch(resumed_on, *train_args(tiny_dataset, tmp_path / "resumed", *overrides), "--resume", saved)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"written by {written_by} process(es), on {resumed_on}: step 14, epoch 1" in resumed.stderr
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert metrics["processes"] == resumed_on and metrics["test"]["NDCG@10"] > metrics["popularity"]["test"]["NDCG@10"]
+    # The schedule goes on from step 15 (not from its warmup) and ends at the run's last step,
+    # which this layout's epochs set (its ranks read other shards; epochs differ by a step or two).
+    total, first_lrs, got = metrics["steps"], _lr_by_step(tmp_path / "first"), _lr_by_step(tmp_path / "resumed")
+    assert metrics["schedule_steps"] == total and sorted(got) == list(range(15, total + 1))
+    peak = first_lrs[7] / lr_factor(7, 5, max(first_lrs), "linear")
+    for step, lr in got.items():
+        assert lr == pytest.approx(peak * lr_factor(step, 5, total, "linear"), rel=1e-9, abs=1e-12), step
+
+
+def test_a_partitioned_checkpoint_on_another_number_of_processes_is_refused_by_name(tiny_dataset, tmp_path):
+    overrides = ("train.max_steps=6", "train.checkpoint_every=3", "distributed.zero_stage=2")
+    first = torchrun(2, *train_args(tiny_dataset, tmp_path / "first", *overrides))
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = tmp_path / "first" / "checkpoints" / "step_00000003"
+    resumed = _single(*train_args(tiny_dataset, tmp_path / "resumed", *overrides), "--resume", saved)
+    assert resumed.returncode == 2
+    assert f"seqrec train: error: --resume: {saved} was written by 2 process(es), this run has 1" in resumed.stderr
+    assert "ZeRO-1..3 partition that state per process" in resumed.stderr
+    other_batch = _single(*train_args(tiny_dataset, tmp_path / "batch", *overrides, "train.batch_size=16"), "--resume", saved)
+    assert other_batch.returncode == 2 and "global batch 32 (train.batch_size); this run has 16" in other_batch.stderr
 
 
 def _reshard(source: Path, target: Path, shard_size: int) -> Path:
