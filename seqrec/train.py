@@ -19,6 +19,7 @@ from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from time import monotonic
 
 import torch
 import torch.distributed as dist
@@ -46,13 +47,12 @@ from seqrec.tracking import Tracker
 log = logging.getLogger(__name__)
 
 EARLY_STOP_METRIC = "NDCG@10"
+BEST_WEIGHTS = "best_weights.safetensors"
 
 
 def _clock() -> float:
-    """Seconds on a clock that only moves forward (for the checkpoint period)."""
-    return time.monotonic()
-
-BEST_WEIGHTS = "best_weights.safetensors"
+    """Seconds on a clock that only moves forward (the checkpoint period's)."""
+    return monotonic()
 
 
 @dataclass
@@ -450,12 +450,14 @@ class _Trainer:
                 "(one full copy of the optimiser state) resume on another number of processes, into a ZeRO-0 run; ZeRO-1..3 "
                 f"partition that state per process: resume with {written_by} process(es)"
             )
-        rng, averages = checkpoint.load(self.engine.engine, directory, self.info.rank if not regrouped else 0)
+        # Another number of processes: ZeRO-0 ranks all saved the same, so every rank takes rank 0's.
+        rank_written = 0 if regrouped else self.info.rank
+        rng, averages = checkpoint.load(self.engine.engine, directory, rank_written)
         if self.average is not None and averages is not None:
             try:
                 self.average.load_state_dict(averages)
             except ValueError as exc:
-                raise ConfigError(f"--resume: {checkpoint.average_file(directory, self.info.rank)}: {exc}") from exc
+                raise ConfigError(f"--resume: {checkpoint.average_file(directory, rank_written)}: {exc}") from exc
         elif self.average is not None:
             log.warning("train.ema_decay: %s holds no weight average (written with train.ema_decay null); "
                         "the average starts again from the resumed weights", directory)
