@@ -58,6 +58,20 @@ def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout:
         time.sleep(0.05)
 
 
+def _signal_group_after_step(args: list[str], run_dir: Path, step: int) -> tuple[int, str]:
+    """Run `args` in a process group of its own, SIGUSR1 the whole group once `step` is logged;
+    the exit code and stderr."""
+    process = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_step(run_dir, step, process)
+        os.killpg(process.pid, signal.SIGUSR1)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode, stderr
+
+
 def _assert_same_run(run_dir: Path, reference: Path) -> None:
     expected, got = losses_by_step(reference), losses_by_step(run_dir)
     assert sorted(got) == sorted(expected), "the resumed history must hold each step once"
@@ -177,15 +191,8 @@ def test_the_cli_exits_75_when_its_process_group_is_signalled(tiny_dataset, tmp_
     # (num_workers 1, started from a forkserver) must outlive the signal until the trainer stops.
     run_dir = tmp_path / "run"
     args = [sys.executable, *map(str, train_args(tiny_dataset, run_dir, *OVERRIDES, "train.epochs=12", "data.num_workers=1"))]
-    process = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _wait_for_step(run_dir, 12, process)
-        os.killpg(process.pid, signal.SIGUSR1)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == STOPPED_EXIT_CODE, stderr[-3000:]
+    returncode, stderr = _signal_group_after_step(args, run_dir, 12)
+    assert returncode == STOPPED_EXIT_CODE, stderr[-3000:]
     assert "seqrec train: stopped by SIGUSR1 on rank 0" in stderr
     stopped_at = _steps_logged(run_dir)
     assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "COMPLETE").is_file()
@@ -251,15 +258,8 @@ def test_a_cuda_run_over_nccl_stops_on_sigusr1_and_resumes_to_the_end(tiny_datas
     run_dir = tmp_path / "run"
     args = [sys.executable, *map(str, train_args(tiny_dataset, run_dir, *OVERRIDES, "train.epochs=30", "train.device=cuda",
                                                  "train.precision=bf16", "data.num_workers=1"))]
-    process = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _wait_for_step(run_dir, 12, process)
-        os.killpg(process.pid, signal.SIGUSR1)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == STOPPED_EXIT_CODE, stderr[-3000:]
+    returncode, stderr = _signal_group_after_step(args, run_dir, 12)
+    assert returncode == STOPPED_EXIT_CODE, stderr[-3000:]
     resumed = subprocess.run([*args, "--resume", "auto"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
