@@ -239,8 +239,11 @@ def test_one_signalled_rank_stops_both_at_the_same_step_and_the_resume_matches(t
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+    # torchrun ends the job at the first rank's exit, sending SIGTERM to a rank still on its
+    # way out (its stop handler already put back): one exit code of 75 at least, both ranks'
+    # checkpoint parts below.
     assert process.returncode != 0
-    assert stderr.count(f"exitcode  : {STOPPED_EXIT_CODE}") == 2, stderr[-3000:]
+    assert f"exitcode  : {STOPPED_EXIT_CODE}" in stderr, stderr[-3000:]
     assert "stopped by SIGUSR1 on rank 1 at step" in stderr
     stopped_at = _steps_logged(run_dir)
     assert stopped_at < max(losses_by_step(reference))
