@@ -353,7 +353,7 @@ class _Trainer:
             # same step, and a checkpoint period that ran out on any rank's clock saves on all. The
             # micro-batches read for this step are read again after a resume (the checkpoint's
             # count of consumed micro-batches excludes them).
-            full_step, carry_on, not_due = distributed.all_true_each(
+            full_step, carry_on, period_running = distributed.all_true_each(
                 [len(micro_batches) == plan.accumulation, not self.stop.requested, not self._checkpoint_due()]
             )
             if not carry_on:
@@ -361,7 +361,7 @@ class _Trainer:
             if not full_step:
                 leftover = len(micro_batches) + sum(1 for _ in batches)
                 return EpochEnd(leftover=[int(row[0]) for row in distributed.gather_floats([leftover])])
-            if not not_due and not self._checkpoint_complete(state.step):
+            if not period_running and not self._checkpoint_complete(state.step):
                 self._checkpoint(state)
             parts = self._step(micro_batches)
             bar.update()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -25,6 +26,21 @@ def require_data(relative: str) -> Path:
             pytest.fail(reason + "; SEQREC_REQUIRE_DATA=1 makes this a failure")
         pytest.skip(reason)
     return path
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """The training steps in a run's metrics.jsonl, in order, read while its trainer may still be
+    appending (a line being written is left out)."""
+    path = run_dir / "metrics.jsonl"
+    steps = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in row:
+            steps.append(row["step"])
+    return steps
 
 
 class CliResult:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, logged_steps
 
 DAEMONS = ("sbatch", "scontrol", "slurmctld", "slurmd", "munged")
 
@@ -157,16 +157,6 @@ def _job_state(job: str, env: dict) -> dict[str, str]:
     return dict(word.split("=", 1) for word in shown.split() if word.startswith(("JobState=", "Restarts=")))
 
 
-def _logged_steps(run_dir: Path) -> list[int]:
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # the line being written
-            continue
-    return [row["step"] for row in rows if "loss" in row]
-
-
 @pytest.mark.timeout(900)
 def test_the_time_limit_signal_checkpoints_requeues_and_the_job_resumes_to_the_end(tiny_dataset, tmp_path):
     """What `--signal=B:USR1@300` does near the time limit, sent at once with scancel: the batch
@@ -186,7 +176,7 @@ def test_the_time_limit_signal_checkpoints_requeues_and_the_job_resumes_to_the_e
         job = submitted.stdout.strip().split(";")[0]
         logs = lambda: "".join(path.read_text() for path in tmp_path.glob("job-*.log"))  # noqa: E731
         deadline = time.monotonic() + 300
-        while len(_logged_steps(run_dir)) < 3:
+        while len(logged_steps(run_dir)) < 3:
             assert time.monotonic() < deadline and _job_state(job, env).get("JobState") in ("PENDING", "RUNNING"), logs()[-4000:]
             time.sleep(0.1)
         assert subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, timeout=60).returncode == 0
@@ -209,5 +199,5 @@ def test_the_time_limit_signal_checkpoints_requeues_and_the_job_resumes_to_the_e
     assert "0: seqrec train: stopped by SIGUSR1 on rank 0, SIGUSR1 on rank 1 at step" in log
     assert "requeueing to continue from its checkpoint" in log and "(restart 1)" in log
     assert "died unexpectedly" not in log, "the reader's helper processes must not die of the signal"
-    steps = _logged_steps(run_dir)
+    steps = logged_steps(run_dir)
     assert steps == list(range(1, metrics["steps"] + 1)), "each step once, across the requeue"

@@ -23,7 +23,7 @@ from seqrec.errors import ConfigError, TrainingStopped
 from seqrec.stop_signals import STOPPED_EXIT_CODE, StopSignals
 from seqrec.tracking import read_history, read_offline_history
 from seqrec.train import run
-from tests.conftest import REPO
+from tests.conftest import REPO, logged_steps
 from tests.test_distributed import _env, losses_by_step, train_args
 
 OVERRIDES = ("train.epochs=4", "train.log_every=1", "train.patience=100")
@@ -34,20 +34,8 @@ def _config(dataset: Path, run_dir: Path, *overrides: str):
 
 
 def _steps_logged(run_dir: Path) -> int:
-    """The last training step in metrics.jsonl, read while another process appends to it."""
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = [0]
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "loss" in row:
-            steps.append(row["step"])
-    return max(steps)
+    """The last training step logged so far."""
+    return max(logged_steps(run_dir), default=0)
 
 
 def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
