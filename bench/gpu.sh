@@ -5,7 +5,7 @@
 #   bench/gpu.sh [STEP ...]      (default: every step, in this order)
 #
 #   cuda-tests     the tests that need a GPU (masking and the divergence watch without host sync,
-#                  bf16 training over NCCL, stopped by a signal and resumed)
+#                  bf16 training over NCCL, stopped by a signal and resumed, resumed under ZeRO-3)
 #   deepspeed      `deepspeed --num_gpus 1 launcher/train.py`: the demo job (pretrained MiniLM,
 #                  bf16, NCCL, ZeRO-2), then the tiny job under ZeRO-3
 #   efficiency     bench/efficiency.py --device cuda (vs naive, MFU against this GPU's bf16 peak,
@@ -106,7 +106,7 @@ steps=("$@")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 for name in "${steps[@]}"; do
     case $name in
-        cuda-tests) step cuda-tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_masking.py tests/test_train.py tests/test_divergence.py tests/test_stop_signals.py -k cuda ;;
+        cuda-tests) step cuda-tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_masking.py tests/test_train.py tests/test_divergence.py tests/test_stop_signals.py tests/test_distributed.py -k cuda ;;
         deepspeed) step deepspeed 300 deepspeed_runs ;;
         efficiency) step efficiency 600 "$PYTHON" bench/efficiency.py --device cuda --profile
                     step host-overhead 300 "$PYTHON" bench/host_overhead.py --device cuda

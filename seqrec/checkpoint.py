@@ -6,6 +6,8 @@ Layout under <run_dir>/checkpoints/:
         rng_rank<r>.pt        that rank's masking generator and torch RNG states
         average_rank<r>.pt    that rank's weight average (train.ema_decay), when there is one
         COMPLETE              written last, by rank 0, after every rank finished writing
+    universal-step_00000120/  only while a resume under another ZeRO layout or number of
+                              processes loads it (seqrec/universal.py)
 A directory without COMPLETE (a save cut short by a kill) is never resumed from, and is removed
 by the next successful save. Assumes the run directory is on a filesystem every rank sees.
 """
@@ -96,20 +98,19 @@ def read_trainer_state(directory: Path) -> dict:
     return json.loads((directory / TRAINER_STATE).read_text())
 
 
-def holds_partitioned_state(directory: Path) -> bool:
-    """Whether DeepSpeed wrote per-process ZeRO partitions (stages 1-3), which only load into
-    the number of processes that wrote them; ZeRO-0 keeps one full copy for any number."""
-    return any(directory.glob("zero_pp_rank_*"))
-
-
-def load(engine, directory: Path, rank_written: int) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
-    """Restore model, optimiser and scheduler; return the RNG states and the weight average that
-    rank `rank_written` of the writing run saved (None where it saved none)."""
+def load(engine, directory: Path) -> None:
+    """Restore model, optimiser and scheduler with DeepSpeed's own loader: into the ZeRO layout and
+    number of processes that wrote them (ZeRO-0: any number). Other layouts: seqrec/universal.py."""
     path, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise ConfigError(f"--resume: DeepSpeed could not load {directory}")
-    rng_file = directory / f"rng_rank{rank_written}.pt"
-    saved_average = average_file(directory, rank_written)
+
+
+def rank_state(directory: Path, rank: int) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """The RNG states and the weight average that rank `rank` of the writing run saved (None where
+    it saved none)."""
+    rng_file = directory / f"rng_rank{rank}.pt"
+    saved_average = average_file(directory, rank)
     rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
     averages = torch.load(saved_average, weights_only=True) if saved_average.is_file() else None
     return rng, averages

@@ -19,7 +19,7 @@ from torch.profiler import record_function
 
 from seqrec.config import JobConfig
 from seqrec.errors import ConfigError
-from seqrec.optim import build_optimizer, build_scheduler
+from seqrec.optim import build_scheduler, optimizer_over, parameter_groups
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +141,17 @@ class TrainingEngine:
         self.plan = plan
         self.ds_config = deepspeed_config(config, plan, autocast)
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
+        # DeepSpeed's own bf16 optimiser (a "bf16" section in the DeepSpeed JSON), not autocast.
+        self.deepspeed_bf16 = bool((self.ds_config.get("bf16") or {}).get("enabled"))
         if config.model.compile and self.zero_stage == 3:
             raise ConfigError("model.compile: not supported with ZeRO-3 (its hooks gather partitioned weights); use stage 0-2 or compile: false")
         model = objective.model
         if self.zero_stage == 3:
             for parameter in model.scoring_parameters():
                 deepspeed.zero.register_external_parameter(model, parameter)
-        optimizer = build_optimizer(objective, config.optim, model.pretrained_parameters())
+        # Named, so a checkpoint can be converted to another ZeRO layout (seqrec/universal.py).
+        self.parameter_groups = parameter_groups(objective, config.optim, model.pretrained_parameters())
+        optimizer = optimizer_over(self.parameter_groups, config.optim)
         scheduler = build_scheduler(optimizer, config.optim, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -11,13 +12,22 @@ from torch import nn
 from seqrec.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, pretrained_parameters: Iterable[nn.Parameter] = ()) -> torch.optim.AdamW:
-    """AdamW at `config.lr` and `config.weight_decay`; `pretrained_parameters` (those loaded from a
-    checkpoint) at `config.lr x config.pretrained_lr_scale` and `config.pretrained_weight_decay`
-    (when set). Biases and LayerNorm weights are never decayed."""
+@dataclass(frozen=True)
+class ParameterGroup:
+    lr: float
+    weight_decay: float
+    names: tuple[str, ...]
+    parameters: tuple[nn.Parameter, ...]
+
+
+def parameter_groups(model: nn.Module, config: OptimConfig, pretrained_parameters: Iterable[nn.Parameter] = ()) -> list[ParameterGroup]:
+    """The optimiser's parameter groups, in its order, with each parameter's name: `pretrained_parameters`
+    (those loaded from a checkpoint) at `config.lr x config.pretrained_lr_scale` and
+    `config.pretrained_weight_decay` (when set), the rest at `config.lr` and `config.weight_decay`.
+    Biases and LayerNorm weights are never decayed."""
     pretrained = {id(parameter) for parameter in pretrained_parameters}
     pretrained_decay = config.weight_decay if config.pretrained_weight_decay is None else config.pretrained_weight_decay
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    groups: dict[tuple[float, float], list[tuple[str, nn.Parameter]]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
@@ -27,13 +37,25 @@ def build_optimizer(model: nn.Module, config: OptimConfig, pretrained_parameters
             weight_decay = 0.0
         else:
             weight_decay = pretrained_decay if from_checkpoint else config.weight_decay
-        groups.setdefault((lr, weight_decay), []).append(parameter)
+        groups.setdefault((lr, weight_decay), []).append((name, parameter))
     # Groups at config.lr first: param_groups[0] is what the run logs as its learning rate.
     ordered = sorted(groups.items(), key=lambda entry: (entry[0][0] != config.lr, entry[0][1] == 0.0))
+    return [
+        ParameterGroup(lr, weight_decay, tuple(name for name, _ in members), tuple(parameter for _, parameter in members))
+        for (lr, weight_decay), members in ordered
+    ]
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig, pretrained_parameters: Iterable[nn.Parameter] = ()) -> torch.optim.AdamW:
+    return optimizer_over(parameter_groups(model, config, pretrained_parameters), config)
+
+
+def optimizer_over(groups: list[ParameterGroup], config: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over `groups`, in their order."""
     # The fused kernel (CPU and CUDA) is ~5x faster than the per-tensor loop on the large
     # embedding matrix, which holds most of the parameters here.
     return torch.optim.AdamW(
-        [{"params": params, "lr": lr, "weight_decay": weight_decay} for (lr, weight_decay), params in ordered],
+        [{"params": list(group.parameters), "lr": group.lr, "weight_decay": group.weight_decay} for group in groups],
         lr=config.lr, betas=config.betas, fused=True,
     )
 

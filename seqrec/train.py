@@ -26,7 +26,7 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save
 
-from seqrec import checkpoint, distributed, progress
+from seqrec import checkpoint, distributed, progress, universal
 from seqrec.atomic import atomic_file
 from seqrec.config import JobConfig
 from seqrec.data.prepared import ITEMS_FILE, PreparedDataset
@@ -43,6 +43,7 @@ from seqrec.optim import planned_total_steps
 from seqrec.runtime import autocast_dtype, keep_freed_host_memory
 from seqrec.stop_signals import StopSignals, held_back
 from seqrec.tracking import Tracker
+from seqrec.universal import PARAMETERS
 
 log = logging.getLogger(__name__)
 
@@ -444,23 +445,19 @@ class _Trainer:
             )
         written_by, world = state.world_size, self.info.world_size
         regrouped = written_by != world
-        if regrouped and (checkpoint.holds_partitioned_state(directory) or self.engine.zero_stage != 0):
-            raise ConfigError(
-                f"--resume: {directory} was written by {written_by} process(es), this run has {world}. Only ZeRO-0 checkpoints "
-                "(one full copy of the optimiser state) resume on another number of processes, into a ZeRO-0 run; ZeRO-1..3 "
-                f"partition that state per process: resume with {written_by} process(es)"
-            )
-        # Another number of processes: ZeRO-0 ranks all saved the same, so every rank takes rank 0's.
+        written = universal.written_layout(directory)
+        target = universal.layout_of(self.engine.zero_stage, self.engine.deepspeed_bf16)
+        if universal.needed(written, written_by, target, world):
+            universal.resume(self.engine.engine, directory, written, target, self.engine.parameter_groups,
+                             self.checkpoints / f"universal-{directory.name}")
+        else:
+            checkpoint.load(self.engine.engine, directory)
+        # On another number of processes the ranks' own states belong to other ranks: the
+        # generators reseed (_regroup) and every rank takes rank 0's average, whole under ZeRO 0-2.
         rank_written = 0 if regrouped else self.info.rank
-        rng, averages = checkpoint.load(self.engine.engine, directory, rank_written)
-        if self.average is not None and averages is not None:
-            try:
-                self.average.load_state_dict(averages)
-            except ValueError as exc:
-                raise ConfigError(f"--resume: {checkpoint.average_file(directory, rank_written)}: {exc}") from exc
-        elif self.average is not None:
-            log.warning("train.ema_decay: %s holds no weight average (written with train.ema_decay null); "
-                        "the average starts again from the resumed weights", directory)
+        rng, averages = checkpoint.rank_state(directory, rank_written)
+        self._restore_average(directory, rank_written, averages, same_partitions=written == target and not regrouped,
+                              whole=PARAMETERS not in (written, target))
         if regrouped:
             self._regroup(state, directory)
             return state
@@ -473,8 +470,23 @@ class _Trainer:
         log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", directory, state.step, state.epoch, state.micro_batches_in_epoch)
         return state
 
+    def _restore_average(self, directory: Path, rank_written: int, averages: dict | None, same_partitions: bool, whole: bool) -> None:
+        if self.average is None:
+            return
+        if averages is not None and (same_partitions or whole):
+            try:
+                self.average.load_state_dict(averages)
+            except ValueError as exc:
+                raise ConfigError(f"--resume: {checkpoint.average_file(directory, rank_written)}: {exc}") from exc
+        elif averages is not None:
+            log.warning("train.ema_decay: %s holds the weight average in another run's ZeRO-3 partitions; "
+                        "the average starts again from the resumed weights", directory)
+        else:
+            log.warning("train.ema_decay: %s holds no weight average (written with train.ema_decay null); "
+                        "the average starts again from the resumed weights", directory)
+
     def _regroup(self, state: LoopState, directory: Path) -> None:
-        """Continue a ZeRO-0 checkpoint on another number of processes. Weights, optimiser and
+        """Continue a checkpoint on another number of processes. Weights, optimiser and
         schedule continue exactly and a step stays the same global batch, but the ranks now read
         other shards: each rank skips as many of its own micro-batches as the epoch's steps so
         far took, so as many sequences as before are skipped, though not the same ones, and the

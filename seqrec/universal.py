@@ -1,0 +1,286 @@
+"""Resuming a checkpoint under another ZeRO layout or another number of processes.
+
+ZeRO-1/2 checkpoints hold the optimiser state in per-process flat partitions, ZeRO-3 ones the
+weights too, so DeepSpeed loads them only into the layout and number of processes that wrote
+them. DeepSpeed's universal format holds one whole tensor per parameter and state (fp32 weight,
+Adam's two moments, step), which any layout can take its part of. Every layout converts into it
+and loads from it:
+
+    written ZeRO-1..3: DeepSpeed's converter (ds_to_universal)    written ZeRO-0: `_write_replicated`
+    into ZeRO-1..3:    DeepSpeed's universal loading               into ZeRO-0:    `_load_replicated`
+
+DeepSpeed's converter writes ZeRO-1/2 and ZeRO-3 checkpoints in two dialects, and each of its
+loaders reads only its own; `_normalise` makes one folder that both read. The converted copy is
+written next to the run's checkpoints and removed once every rank has loaded it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from seqrec import distributed
+from seqrec.errors import ConfigError
+from seqrec.optim import ParameterGroup
+
+log = logging.getLogger(__name__)
+
+REPLICATED, FLAT, PARAMETERS = "ZeRO-0", "ZeRO-1/2", "ZeRO-3"
+_ZERO = "zero"
+_OPTIMIZER_STATE = "optimizer_state.pt"
+_MODEL_STATES = "mp_rank_00_model_states.pt"
+_PARTITIONED_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def written_layout(directory: Path) -> str:
+    """The layout of a DeepSpeed checkpoint, from the files it holds."""
+    if any(directory.glob("zero_pp_rank_*_model_states.pt")):
+        return PARAMETERS
+    if any(directory.glob("*zero_pp_rank_*_optim_states.pt")):
+        return FLAT
+    return REPLICATED
+
+
+def layout_of(zero_stage: int, deepspeed_bf16: bool) -> str:
+    """The layout a run writes. DeepSpeed's own bf16 optimiser partitions its fp32 master
+    weights across processes even at stage 0."""
+    if zero_stage == 3:
+        return PARAMETERS
+    return FLAT if zero_stage > 0 or deepspeed_bf16 else REPLICATED
+
+
+def needed(written: str, written_world: int, target: str, world: int) -> bool:
+    """Whether loading takes the universal route. A ZeRO-0 checkpoint is one full copy that
+    DeepSpeed loads into ZeRO-0 on any number of processes; every other pair loads natively only
+    into the same layout and number of processes."""
+    if written == target == REPLICATED:
+        return False
+    return written != target or written_world != world
+
+
+def resume(engine, directory: Path, written: str, target: str, groups: list[ParameterGroup], scratch: Path) -> None:
+    """Collective: rank 0 converts `directory` into `scratch`, every rank loads its part of the
+    weights, optimiser state and schedule, and rank 0 removes `scratch` again."""
+    main = torch.distributed.get_rank() == 0
+    failure = None
+    if main:
+        log.info("converting %s (%s) to DeepSpeed's universal format for this run's %s layout", directory, written, target)
+        try:
+            convert(directory, written, groups, scratch)
+        except ConfigError as exc:
+            failure = str(exc)
+        except Exception as exc:  # unreadable files, a full disk: still every rank's error
+            failure = f"--resume: could not convert {directory} to DeepSpeed's universal format in {scratch}: {exc}"
+    # Every rank raises the conversion's error, instead of waiting for a load that never comes.
+    failure = distributed.broadcast_object(failure)
+    if failure is not None:
+        raise ConfigError(failure)
+    try:
+        _check_group_count(engine, scratch)
+        if target == REPLICATED:
+            _load_replicated(engine, scratch, groups)
+        else:
+            _load_partitioned(engine, scratch)
+        distributed.barrier()
+    finally:
+        if main:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def convert(directory: Path, written: str, groups: list[ParameterGroup], out: Path) -> None:
+    """Write the universal form of `directory` to `out`, complete or not at all."""
+    partial = out.with_name(out.name + ".partial")
+    for stale in (out, partial):
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        if written == REPLICATED:
+            _write_replicated(directory, groups, partial)
+        else:
+            _convert_partitioned(directory, partial)
+        _normalise(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    partial.rename(out)
+
+
+def _convert_partitioned(directory: Path, out: Path) -> None:
+    from deepspeed.checkpoint import ds_to_universal
+
+    # One worker: the converter's process pool would fork this trainer, threads and process
+    # group included. seqrec's checkpoints carry no universal-format marker (the converter asks
+    # for one only to know the client meant it), hence inject_missing_state.
+    args = argparse.Namespace(
+        input_folder=str(directory), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=True,
+    )
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            ds_to_universal.main(args)
+    except Exception as exc:
+        raise ConfigError(f"--resume: DeepSpeed could not convert {directory} to its universal format: {exc}") from exc
+    log.debug("ds_to_universal: %s", printed.getvalue())
+
+
+def _write_replicated(directory: Path, groups: list[ParameterGroup], out: Path) -> None:
+    """A ZeRO-0 checkpoint in the universal layout: its module state gives the weights, its
+    optimiser state (torch's, indexed in parameter-group order) the moments and steps."""
+    saved = torch.load(directory / _MODEL_STATES, map_location="cpu", weights_only=False)
+    module, optimizer = saved["module"], saved.get("optimizer")
+    names = [name for group in groups for name in group.names]
+    if optimizer is None or sum(len(group["params"]) for group in optimizer["param_groups"]) != len(names):
+        raise ConfigError(
+            f"--resume: {directory} holds an optimiser state that does not match this model's {len(names)} trained "
+            "parameters; resume with the model and optimiser settings that wrote it"
+        )
+    zero = out / _ZERO
+    for index, name in enumerate(names):
+        folder = zero / name
+        folder.mkdir(parents=True)
+        torch.save({"param": module[name].float()}, folder / "fp32.pt")
+        state = optimizer["state"].get(index)
+        if state:
+            for key in _MOMENTS:
+                torch.save({"param": state[key].float()}, folder / f"{key}.pt")
+            torch.save(torch.tensor(float(state["step"])), folder / "step.pt")
+    torch.save(
+        {
+            "param_groups": [{key: value for key, value in group.items() if key != "params"} for group in optimizer["param_groups"]],
+            "ds_version": saved.get("ds_version", _deepspeed_version()),
+        },
+        zero / _OPTIMIZER_STATE,
+    )
+    shutil.copy2(directory / _MODEL_STATES, out / _MODEL_STATES)
+
+
+def _normalise(out: Path) -> None:
+    """One folder for both of DeepSpeed's universal loaders: ZeRO-1/2's reads a dict per tensor,
+    a step file per parameter and the optimiser's groups at the top level; ZeRO-3's reads the
+    step from a nested torch optimiser state; each looks for the model states under its own name."""
+    zero = out / _ZERO
+    optimizer_state = torch.load(zero / _OPTIMIZER_STATE, map_location="cpu", weights_only=False)
+    nested = optimizer_state.get("optimizer_state_dict")
+    step = None
+    if isinstance(nested, dict) and nested.get("state"):
+        step = next(iter(nested["state"].values())).get("step")
+    for folder in (path for path in zero.iterdir() if path.is_dir()):
+        for key in ("fp32", *_MOMENTS):
+            file = folder / f"{key}.pt"
+            if file.is_file():
+                tensor = torch.load(file, map_location="cpu", weights_only=False)
+                if not isinstance(tensor, dict):
+                    torch.save({"param": tensor}, file)
+        step_file = folder / "step.pt"
+        if step_file.is_file():
+            step = step if step is not None else torch.load(step_file, weights_only=False)
+        elif (folder / "exp_avg.pt").is_file() and step is not None:
+            torch.save(torch.as_tensor(step, dtype=torch.float32), step_file)
+    if step is None:
+        raise ConfigError(f"--resume: {out} holds no optimiser step: the checkpoint was written before any step")
+    groups = optimizer_state.get("param_groups") or nested["param_groups"]
+    optimizer_state["param_groups"] = groups
+    optimizer_state["optimizer_state_dict"] = {"state": {0: {"step": torch.as_tensor(step, dtype=torch.float32)}}, "param_groups": groups}
+    # ZeRO-3's state has no version, which ZeRO-1's loader requires; the folder is in the format
+    # of the DeepSpeed that converted it.
+    optimizer_state.setdefault("ds_version", _deepspeed_version())
+    torch.save(optimizer_state, zero / _OPTIMIZER_STATE)
+    present = [out / name for name in (_MODEL_STATES, _PARTITIONED_MODEL_STATES) if (out / name).is_file()]
+    for name in (_MODEL_STATES, _PARTITIONED_MODEL_STATES):
+        if not (out / name).is_file():
+            shutil.copy2(present[0], out / name)
+    for extra in out.glob("zero_pp_rank_*_model_states.pt"):
+        if extra.name != _PARTITIONED_MODEL_STATES:
+            extra.unlink()
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+def _saved_groups(folder: Path) -> list[dict]:
+    return torch.load(folder / _ZERO / _OPTIMIZER_STATE, map_location="cpu", weights_only=False)["param_groups"]
+
+
+def _check_group_count(engine, folder: Path) -> None:
+    saved, live = len(_saved_groups(folder)), len(engine.optimizer.param_groups)
+    if saved != live:
+        raise ConfigError(
+            f"--resume: the checkpoint has {saved} optimiser parameter groups, this run {live}: resume with the optimiser "
+            "settings that wrote it (optim.pretrained_lr_scale, weight decays)"
+        )
+
+
+def _restore_group_settings(engine, folder: Path) -> None:
+    """Each parameter group's own settings and step counter. DeepSpeed's ZeRO-3 loader copies the
+    first group's settings to every group, which would decay biases and LayerNorm weights, and
+    gives every group one shared step tensor, which the fused AdamW then advances once per group
+    each step, so its bias correction runs ahead (seen: losses apart from the second step on)."""
+    for group, saved_group in zip(engine.optimizer.param_groups, _saved_groups(folder)):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def _load_partitioned(engine, folder: Path) -> None:
+    config = engine._config
+    config.load_universal_checkpoint = True
+    try:
+        path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+    finally:
+        config.load_universal_checkpoint = False
+    if path is None:
+        raise ConfigError(f"--resume: DeepSpeed could not load the universal form of the checkpoint at {folder}")
+    _restore_group_settings(engine, folder)
+
+
+def _load_replicated(engine, folder: Path, groups: list[ParameterGroup]) -> None:
+    """Into a ZeRO-0 run, whose optimiser is torch's own: weights, then moments and steps by
+    index in parameter-group order, then the schedule and DeepSpeed's step counters."""
+    zero = folder / _ZERO
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    index = 0
+    with torch.no_grad():
+        for group in groups:
+            for name, parameter in zip(group.names, group.parameters):
+                where = zero / name
+                if not (where / "fp32.pt").is_file():
+                    raise ConfigError(f"--resume: the checkpoint holds no weight for {name}: resume with the model that wrote it")
+                weight = torch.load(where / "fp32.pt", map_location="cpu", weights_only=False)["param"]
+                if weight.numel() != parameter.numel():
+                    raise ConfigError(f"--resume: {name} has {weight.numel()} values in the checkpoint, {parameter.numel()} in this model")
+                parameter.copy_(weight.view_as(parameter))
+                if (where / "exp_avg.pt").is_file():
+                    state[index] = {
+                        key: torch.load(where / f"{key}.pt", map_location="cpu", weights_only=False)["param"].view_as(parameter)
+                        for key in _MOMENTS
+                    }
+                    state[index]["step"] = torch.as_tensor(float(torch.load(where / "step.pt", weights_only=False)), dtype=torch.float32)
+                index += 1
+    optimizer = engine.optimizer
+    groups_state = [{**{key: value for key, value in saved.items() if key != "params"}, "params": list(range(start, start + len(group["params"])))}
+                    for saved, group, start in zip(_saved_groups(folder), optimizer.param_groups, _starts(optimizer.param_groups))]
+    optimizer.load_state_dict({"state": state, "param_groups": groups_state})
+    model_states = torch.load(folder / _MODEL_STATES, map_location="cpu", weights_only=False)
+    engine.lr_scheduler.load_state_dict(model_states["lr_scheduler"])
+    engine.global_steps = model_states.get("global_steps", engine.global_steps)
+    engine.global_samples = model_states.get("global_samples", engine.global_samples)
+    engine.skipped_steps = model_states.get("skipped_steps", engine.skipped_steps)
+
+
+def _starts(param_groups: list[dict]) -> list[int]:
+    starts, start = [], 0
+    for group in param_groups:
+        starts.append(start)
+        start += len(group["params"])
+    return starts
