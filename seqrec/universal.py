@@ -21,6 +21,7 @@ import contextlib
 import io
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -72,8 +73,10 @@ def resume(engine, directory: Path, written: str, target: str, groups: list[Para
     failure = None
     if main:
         log.info("converting %s (%s) to DeepSpeed's universal format for this run's %s layout", directory, written, target)
+        started = time.perf_counter()
         try:
             convert(directory, written, groups, scratch)
+            log.info("converted in %.1f s", time.perf_counter() - started)
         except ConfigError as exc:
             failure = str(exc)
         except Exception as exc:  # unreadable files, a full disk: still every rank's error
@@ -96,19 +99,21 @@ def resume(engine, directory: Path, written: str, target: str, groups: list[Para
 
 def convert(directory: Path, written: str, groups: list[ParameterGroup], out: Path) -> None:
     """Write the universal form of `directory` to `out`, complete or not at all."""
-    partial = out.with_name(out.name + ".partial")
-    for stale in (out, partial):
+    # Built inside a staging folder: DeepSpeed's converter also writes a `latest_universal`
+    # file beside its output, which would otherwise land among the run's checkpoints.
+    staging = out.with_name(out.name + ".partial")
+    for stale in (out, staging):
         shutil.rmtree(stale, ignore_errors=True)
+    built = staging / "universal"
     try:
         if written == REPLICATED:
-            _write_replicated(directory, groups, partial)
+            _write_replicated(directory, groups, built)
         else:
-            _convert_partitioned(directory, partial)
-        _normalise(partial)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    partial.rename(out)
+            _convert_partitioned(directory, built)
+        _normalise(built)
+        built.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _convert_partitioned(directory: Path, out: Path) -> None:
