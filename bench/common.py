@@ -24,6 +24,12 @@ def machine() -> str:
     except OSError:
         pass
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    try:  # the vector ISA torch uses: this project's CPUs of one name differ in it (AVX2 or AVX-512)
+        import torch
+
+        cpu = f"{cpu} ({torch.backends.cpu.get_cpu_capability()})"
+    except ImportError:
+        pass
     host = f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, {platform.system()} {platform.release()}"
     try:
         import torch
@@ -93,20 +99,25 @@ CPU_RATIOS = ("vs_naive_ratio", "mfu_cpu", "eval_users_per_s_ratio", "reader_ove
 CPU_RUN_KEYS = (*CPU_RATIOS, "details", "machine", "versions", "code", "command")
 
 
-def update_efficiency(results: dict, provenance: dict) -> dict:
+def update_efficiency(results: dict, provenance: dict, headline: bool = True) -> dict:
     """Merge one script's figures into efficiency.json (efficiency.py and recbole.py each own a
     part) and rewrite the table from the whole file, so neither drops the other's rows.
     A CPU run on another machine takes the headline; the run it replaces moves to `other_cpus`
     under its machine, since this project's CPUs differ (matmul peak, memory bandwidth) enough
-    to move every ratio."""
+    to move every ratio. A run with `headline` false (fp32 on a CPU without native bf16, where
+    the bf16 MFU target cannot be measured) goes to `other_cpus` directly."""
     path = RESULTS / "efficiency.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     other_cpus = dict(previous.get("other_cpus", {}))
     incoming = provenance.get("machine")
-    if incoming and previous.get("machine") and previous["machine"] != incoming:
-        other_cpus[previous["machine"]] = {key: previous[key] for key in CPU_RUN_KEYS if key in previous}
-        other_cpus.pop(incoming, None)
-    payload = {**previous, **results, **provenance, **({"other_cpus": other_cpus} if other_cpus else {})}
+    if not headline:
+        other_cpus[incoming] = {**results, **provenance}
+        payload = {**previous, "other_cpus": other_cpus}
+    else:
+        if incoming and previous.get("machine") and previous["machine"] != incoming:
+            other_cpus[previous["machine"]] = {key: previous[key] for key in CPU_RUN_KEYS if key in previous}
+            other_cpus.pop(incoming, None)
+        payload = {**previous, **results, **provenance, **({"other_cpus": other_cpus} if other_cpus else {})}
     table = [(key, str(payload[key])) for key in EFFICIENCY_HEADLINES if key in payload]
     if "recbole" in payload:
         table += [("RecBole instances/s", str(payload["recbole"]["instances_per_s"])),
@@ -116,8 +127,9 @@ def update_efficiency(results: dict, provenance: dict) -> dict:
     for other, run in payload.get("other_cpus", {}).items():
         details = run.get("details", {})
         table += [(f"{other}: {key}", str(run[key])) for key in CPU_RATIOS if key in run]
-        table += [(f"{other}: step s, sequences/s, peak bf16 GFLOP/s",
-                   str(tuple(details.get(key) for key in ("seqrec_step_s", "seqrec_sequences_per_s", "peak_bf16_gflop_per_s"))))]
+        precision = details.get("precision", "bf16")
+        table += [(f"{other}: step s, sequences/s, peak {precision} GFLOP/s",
+                   str(tuple(details.get(key) for key in ("seqrec_step_s", "seqrec_sequences_per_s", f"peak_{precision}_gflop_per_s"))))]
         table += [(f"{other}: code", str(run.get("code")))]
     gpu = payload.get("gpu")
     if gpu:
