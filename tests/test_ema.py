@@ -4,6 +4,7 @@ that a run with it trains the same steps while validating, keeping and exporting
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -149,3 +150,22 @@ def test_zero3_validates_and_keeps_the_same_average_as_zero0(tiny_dataset, tmp_p
     last = torch.load(tmp_path / "zero0" / "checkpoints" / "step_00000010" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     table = "model.mlm.bert.embeddings.word_embeddings.weight"
     assert (last[table] - kept[0][table.removeprefix("model.mlm.")]).abs().max().item() > 10 * WEIGHT_TOLERANCE
+
+
+def test_a_resume_under_another_zero_stage_carries_a_whole_average_and_restarts_a_partitioned_one(tiny_dataset, tmp_path, caplog):
+    overrides = ("train.max_steps=12", "train.checkpoint_every=10", "train.keep_checkpoints=5", "train.precision=fp32", "train.ema_decay=0.9")
+    run(_config(tiny_dataset, tmp_path / "zero2", *overrides, "distributed.zero_stage=2"))
+    saved = tmp_path / "zero2" / "checkpoints" / "step_00000010"
+    final = "checkpoints/step_00000012/average_rank0.pt"
+    # ZeRO-2 and ZeRO-0 both average whole weights: the average carries over, and two steps on it
+    # is the uninterrupted run's (to float rounding: the two stages sum gradients in other orders).
+    run(_config(tiny_dataset, tmp_path / "zero0", *overrides, "distributed.zero_stage=0"), resume=str(saved))
+    uninterrupted, carried = (torch.load(tmp_path / name / final, weights_only=True) for name in ("zero2", "zero0"))
+    assert uninterrupted.keys() == carried.keys()
+    assert max((uninterrupted[key] - carried[key]).abs().max().item() for key in uninterrupted) < 1e-5
+    # ZeRO-3 averages its own partitions: it starts again from the resumed weights, and says so.
+    with caplog.at_level(logging.WARNING, logger="seqrec.train"):
+        run(_config(tiny_dataset, tmp_path / "zero3", *overrides, "distributed.zero_stage=3"), resume=str(saved))
+    assert f"{saved} holds the weight average in another run's ZeRO-3 partitions" in caplog.text
+    restarted = torch.load(tmp_path / "zero3" / final, weights_only=True)
+    assert max((uninterrupted[key].flatten()[:8] - restarted[key].flatten()[:8]).abs().max().item() for key in restarted) > 1e-4
