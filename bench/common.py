@@ -24,20 +24,15 @@ def machine() -> str:
     except OSError:
         pass
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    try:  # the vector ISA torch uses: this project's CPUs of one name differ in it (AVX2 or AVX-512)
-        import torch
-
-        cpu = f"{cpu} ({torch.backends.cpu.get_cpu_capability()})"
-    except ImportError:
-        pass
-    host = f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, {platform.system()} {platform.release()}"
     try:
         import torch
-
-        if torch.cuda.is_available():
-            return f"{torch.cuda.get_device_name()} GPU ({host})"
     except ImportError:
-        pass
+        torch = None
+    if torch is not None:  # the vector ISA torch uses: this project's CPUs of one name differ in it (AVX2 or AVX-512)
+        cpu = f"{cpu} ({torch.backends.cpu.get_cpu_capability()})"
+    host = f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, {platform.system()} {platform.release()}"
+    if torch is not None and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} GPU ({host})"
     return host
 
 

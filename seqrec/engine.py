@@ -106,12 +106,16 @@ def deepspeed_config(config: JobConfig, plan: BatchPlan, autocast: torch.dtype |
     merged["gradient_clipping"] = 0.0 if job_clips_gradients(merged, autocast) else config.optim.grad_clip
     # The optimiser is the job's (fused torch AdamW); ZeRO partitions its state all the same.
     merged["zero_allow_untested_optimizer"] = True
-    native_bf16 = bool((raw.get("bf16") or {}).get("enabled"))
-    if autocast is not None and not native_bf16:
+    if autocast is not None and not deepspeed_bf16(raw):
         merged["torch_autocast"] = {"enabled": True, "dtype": "float16" if autocast == torch.float16 else "bfloat16"}
     merged.setdefault("steps_per_print", 10**9)
     merged.setdefault("wall_clock_breakdown", False)
     return merged
+
+
+def deepspeed_bf16(ds_config: dict) -> bool:
+    """Whether DeepSpeed's own bf16 mode is on (a "bf16" section in its JSON), not autocast."""
+    return bool((ds_config.get("bf16") or {}).get("enabled"))
 
 
 def job_clips_gradients(merged: dict, autocast: torch.dtype | None) -> bool:
@@ -127,7 +131,7 @@ def job_clips_gradients(merged: dict, autocast: torch.dtype | None) -> bool:
     return (
         merged["zero_optimization"]["stage"] == 0
         and autocast != torch.float16
-        and not (merged.get("bf16") or {}).get("enabled")
+        and not deepspeed_bf16(merged)
         and merged.get("managed_gradient_accumulation", True) is not False
     )
 
@@ -141,8 +145,7 @@ class TrainingEngine:
         self.plan = plan
         self.ds_config = deepspeed_config(config, plan, autocast)
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
-        # DeepSpeed's own bf16 optimiser (a "bf16" section in the DeepSpeed JSON), not autocast.
-        self.deepspeed_bf16 = bool((self.ds_config.get("bf16") or {}).get("enabled"))
+        self.deepspeed_bf16 = deepspeed_bf16(self.ds_config)
         if config.model.compile and self.zero_stage == 3:
             raise ConfigError("model.compile: not supported with ZeRO-3 (its hooks gather partitioned weights); use stage 0-2 or compile: false")
         model = objective.model

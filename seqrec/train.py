@@ -456,8 +456,8 @@ class _Trainer:
         # generators reseed (_regroup) and every rank takes rank 0's average, whole under ZeRO 0-2.
         rank_written = 0 if regrouped else self.info.rank
         rng, averages = checkpoint.rank_state(directory, rank_written)
-        self._restore_average(directory, rank_written, averages, same_partitions=written == target and not regrouped,
-                              whole=PARAMETERS not in (written, target))
+        # An average fits where the partitions are the same, or where both sides hold whole weights.
+        self._restore_average(directory, rank_written, averages, fits=(written == target and not regrouped) or PARAMETERS not in (written, target))
         if regrouped:
             self._regroup(state, directory)
             return state
@@ -470,10 +470,10 @@ class _Trainer:
         log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", directory, state.step, state.epoch, state.micro_batches_in_epoch)
         return state
 
-    def _restore_average(self, directory: Path, rank_written: int, averages: dict | None, same_partitions: bool, whole: bool) -> None:
+    def _restore_average(self, directory: Path, rank_written: int, averages: dict | None, fits: bool) -> None:
         if self.average is None:
             return
-        if averages is not None and (same_partitions or whole):
+        if averages is not None and fits:
             try:
                 self.average.load_state_dict(averages)
             except ValueError as exc:

@@ -86,11 +86,11 @@ def resume(engine, directory: Path, written: str, target: str, groups: list[Para
     if failure is not None:
         raise ConfigError(failure)
     try:
-        _check_group_count(engine, scratch)
+        saved_groups = _saved_groups(scratch, engine)
         if target == REPLICATED:
-            _load_replicated(engine, scratch, groups)
+            _load_replicated(engine, scratch, groups, saved_groups)
         else:
-            _load_partitioned(engine, scratch)
+            _load_partitioned(engine, scratch, saved_groups)
         distributed.barrier()
     finally:
         if main:
@@ -110,7 +110,7 @@ def convert(directory: Path, written: str, groups: list[ParameterGroup], out: Pa
             _write_replicated(directory, groups, built)
         else:
             _convert_partitioned(directory, built)
-        _normalise(built)
+        _normalise(built, written)
         built.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -166,28 +166,27 @@ def _write_replicated(directory: Path, groups: list[ParameterGroup], out: Path) 
     shutil.copy2(directory / _MODEL_STATES, out / _MODEL_STATES)
 
 
-def _normalise(out: Path) -> None:
+def _normalise(out: Path, written: str) -> None:
     """One folder for both of DeepSpeed's universal loaders: ZeRO-1/2's reads a dict per tensor,
     a step file per parameter and the optimiser's groups at the top level; ZeRO-3's reads the
-    step from a nested torch optimiser state; each looks for the model states under its own name."""
+    step from a nested torch optimiser state; each looks for the model states under its own name.
+    Only the ZeRO-3 converter writes bare tensors and no step files."""
     zero = out / _ZERO
     optimizer_state = torch.load(zero / _OPTIMIZER_STATE, map_location="cpu", weights_only=False)
     nested = optimizer_state.get("optimizer_state_dict")
-    step = None
-    if isinstance(nested, dict) and nested.get("state"):
-        step = next(iter(nested["state"].values())).get("step")
-    for folder in (path for path in zero.iterdir() if path.is_dir()):
-        for key in ("fp32", *_MOMENTS):
-            file = folder / f"{key}.pt"
-            if file.is_file():
-                tensor = torch.load(file, map_location="cpu", weights_only=False)
-                if not isinstance(tensor, dict):
-                    torch.save({"param": tensor}, file)
-        step_file = folder / "step.pt"
-        if step_file.is_file():
-            step = step if step is not None else torch.load(step_file, weights_only=False)
-        elif (folder / "exp_avg.pt").is_file() and step is not None:
-            torch.save(torch.as_tensor(step, dtype=torch.float32), step_file)
+    folders = [path for path in zero.iterdir() if path.is_dir()]
+    if written == PARAMETERS:
+        step = next(iter(nested["state"].values())).get("step") if isinstance(nested, dict) and nested.get("state") else None
+        for folder in folders:
+            for key in ("fp32", *_MOMENTS):
+                file = folder / f"{key}.pt"
+                if file.is_file():
+                    torch.save({"param": torch.load(file, map_location="cpu", weights_only=False)}, file)
+            if (folder / "exp_avg.pt").is_file() and step is not None:
+                torch.save(torch.as_tensor(step, dtype=torch.float32), folder / "step.pt")
+    else:
+        step_file = next((folder / "step.pt" for folder in folders if (folder / "step.pt").is_file()), None)
+        step = None if step_file is None else torch.load(step_file, weights_only=False)
     if step is None:
         raise ConfigError(f"--resume: {out} holds no optimiser step: the checkpoint was written before any step")
     groups = optimizer_state.get("param_groups") or nested["param_groups"]
@@ -212,32 +211,31 @@ def _deepspeed_version() -> str:
     return deepspeed.__version__
 
 
-def _saved_groups(folder: Path) -> list[dict]:
-    return torch.load(folder / _ZERO / _OPTIMIZER_STATE, map_location="cpu", weights_only=False)["param_groups"]
-
-
-def _check_group_count(engine, folder: Path) -> None:
-    saved, live = len(_saved_groups(folder)), len(engine.optimizer.param_groups)
-    if saved != live:
+def _saved_groups(folder: Path, engine) -> list[dict]:
+    """Each saved parameter group's settings, checked to be as many as this run's groups."""
+    saved = torch.load(folder / _ZERO / _OPTIMIZER_STATE, map_location="cpu", weights_only=False)["param_groups"]
+    live = len(engine.optimizer.param_groups)
+    if len(saved) != live:
         raise ConfigError(
-            f"--resume: the checkpoint has {saved} optimiser parameter groups, this run {live}: resume with the optimiser "
+            f"--resume: the checkpoint has {len(saved)} optimiser parameter groups, this run {live}: resume with the optimiser "
             "settings that wrote it (optim.pretrained_lr_scale, weight decays)"
         )
+    return [{key: value for key, value in group.items() if key != "params"} for group in saved]
 
 
-def _restore_group_settings(engine, folder: Path) -> None:
+def _restore_group_settings(engine, saved_groups: list[dict]) -> None:
     """Each parameter group's own settings and step counter. DeepSpeed's ZeRO-3 loader copies the
     first group's settings to every group, which would decay biases and LayerNorm weights, and
     gives every group one shared step tensor, which the fused AdamW then advances once per group
     each step, so its bias correction runs ahead (seen: losses apart from the second step on)."""
-    for group, saved_group in zip(engine.optimizer.param_groups, _saved_groups(folder)):
-        group.update({key: value for key, value in saved_group.items() if key != "params"})
+    for group, settings in zip(engine.optimizer.param_groups, saved_groups):
+        group.update(settings)
     for state in engine.optimizer.optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
 
 
-def _load_partitioned(engine, folder: Path) -> None:
+def _load_partitioned(engine, folder: Path, saved_groups: list[dict]) -> None:
     config = engine._config
     config.load_universal_checkpoint = True
     try:
@@ -246,17 +244,19 @@ def _load_partitioned(engine, folder: Path) -> None:
         config.load_universal_checkpoint = False
     if path is None:
         raise ConfigError(f"--resume: DeepSpeed could not load the universal form of the checkpoint at {folder}")
-    _restore_group_settings(engine, folder)
+    _restore_group_settings(engine, saved_groups)
 
 
-def _load_replicated(engine, folder: Path, groups: list[ParameterGroup]) -> None:
+def _load_replicated(engine, folder: Path, groups: list[ParameterGroup], saved_groups: list[dict]) -> None:
     """Into a ZeRO-0 run, whose optimiser is torch's own: weights, then moments and steps by
     index in parameter-group order, then the schedule and DeepSpeed's step counters."""
     zero = folder / _ZERO
     state: dict[int, dict[str, torch.Tensor]] = {}
+    indices: list[list[int]] = []
     index = 0
     with torch.no_grad():
         for group in groups:
+            indices.append(list(range(index, index + len(group.parameters))))
             for name, parameter in zip(group.names, group.parameters):
                 where = zero / name
                 if not (where / "fp32.pt").is_file():
@@ -272,20 +272,10 @@ def _load_replicated(engine, folder: Path, groups: list[ParameterGroup]) -> None
                     }
                     state[index]["step"] = torch.as_tensor(float(torch.load(where / "step.pt", weights_only=False)), dtype=torch.float32)
                 index += 1
-    optimizer = engine.optimizer
-    groups_state = [{**{key: value for key, value in saved.items() if key != "params"}, "params": list(range(start, start + len(group["params"])))}
-                    for saved, group, start in zip(_saved_groups(folder), optimizer.param_groups, _starts(optimizer.param_groups))]
-    optimizer.load_state_dict({"state": state, "param_groups": groups_state})
+    engine.optimizer.load_state_dict({"state": state, "param_groups": [{**settings, "params": own} for settings, own in zip(saved_groups, indices)]})
     model_states = torch.load(folder / _MODEL_STATES, map_location="cpu", weights_only=False)
     engine.lr_scheduler.load_state_dict(model_states["lr_scheduler"])
     engine.global_steps = model_states.get("global_steps", engine.global_steps)
     engine.global_samples = model_states.get("global_samples", engine.global_samples)
     engine.skipped_steps = model_states.get("skipped_steps", engine.skipped_steps)
 
-
-def _starts(param_groups: list[dict]) -> list[int]:
-    starts, start = [], 0
-    for group in param_groups:
-        starts.append(start)
-        start += len(group["params"])
-    return starts
