@@ -131,9 +131,7 @@ class Tracker:
         self.run.log({"final_metrics": wandb.Table(columns=["model", *columns], data=[[model, *(row.get(c) for c in columns)] for model, row in table.items()])})
         for key, value in flatten({"test": metrics.get("test", {}), "valid": metrics.get("valid", {})}).items():
             self.run.summary[key] = value
-        self.run.finish()
-        self.run = None
-
+        self._close()
 
     def stopped(self, step: int) -> None:
         """A stop signal ended training at `step`, checkpointed: the wandb run is marked preempted
@@ -142,8 +140,22 @@ class Tracker:
             return
         self.run.summary["stopped_at_step"] = step
         self.run.mark_preempting()
-        self.run.finish(exit_code=STOPPED_EXIT_CODE)
+        self._close(STOPPED_EXIT_CODE)
+
+    def _close(self, exit_code: int | None = None) -> None:
+        """Finish the run and return only once its file is whole. wandb's service buffers the
+        run file and writes its last records when it closes the run's stream, which can come
+        after `finish` returns (a CI run read a stopped run's file without its last step); a
+        job stopped for preemption may be killed right after. Tearing the service down waits
+        for it; the next run in this process starts a new one."""
+        import wandb
+
+        self.run.finish(exit_code=exit_code)
         self.run = None
+        try:
+            wandb.teardown()
+        except SystemExit as exc:  # wandb exits the process when its service ended badly
+            log.warning("wandb's service ended with exit code %s; its run file may lack the last rows (metrics.jsonl has them)", exc.code)
 
 
 def read_offline_history(run_file: Path) -> list[dict]:

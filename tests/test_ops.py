@@ -59,6 +59,32 @@ def test_wandb_offline_history_equals_metrics_jsonl(trained_run):
     assert any("valid/NDCG@10" in row for row in logged) and any("test/NDCG@10" in row for row in logged)
 
 
+
+@pytest.mark.parametrize("ending", ["finish", "stopped"])
+def test_the_wandb_run_file_is_whole_when_the_tracker_closes(tmp_path, monkeypatch, ending):
+    """wandb's service writes a run file's buffered records when it closes the run's stream, on a
+    message `finish` sends without waiting. Dropping that message stands for the service not
+    having got to it yet (a CI run read a file without its last step): the tracker's own wait
+    must still leave every row on disk."""
+    from wandb.sdk.lib.service import service_connection
+
+    from seqrec.tracking import Tracker
+
+    monkeypatch.setattr(service_connection.ServiceConnection, "inform_finish", lambda self, run_id: None)
+    config = load_config(REPO / "configs" / "tiny.yaml", [f"run_dir={tmp_path}", "tracking.wandb=offline"])
+    tracker = Tracker(config, tmp_path, is_main=True, resumed=False)
+    tracker.reset_history(None)
+    for step in range(1, 5):
+        tracker.log({"step": step, "loss": 1.0 / step})
+    if ending == "finish":
+        tracker.finish({"test": {"NDCG@10": 0.5}}, {"seqrec": {"NDCG@10": 0.5}})
+    else:
+        tracker.stopped(4)
+    run_files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1
+    logged = [row for row in read_offline_history(run_files[0]) if "final_metrics/_type" not in row]
+    assert [row.get("step") for row in logged] == [1, 2, 3, 4]
+
 def test_wandb_mode_is_online_only_when_logged_in(tmp_path):
     assert wandb_mode("disabled", {}) == "disabled"
     assert wandb_mode("auto", {}, netrc_path=tmp_path / "none") == "offline"
