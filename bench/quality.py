@@ -113,7 +113,7 @@ def recipe_overrides(recipe: str, keep_layers: int, common: list[str], overrides
     return [*common, *recipes(keep_layers)[recipe], *overrides, f"name={name}"]
 
 
-def prepared(dataset: str) -> tuple[Path, int, dict]:
+def prepared(dataset: str) -> tuple[Path, dict]:
     if dataset in DATASETS:
         spec = DATASETS[dataset]
         out = REPO / "shards" / dataset
@@ -122,11 +122,12 @@ def prepared(dataset: str) -> tuple[Path, int, dict]:
 
         if seqrec_main(["prepare", *args, "--out", str(out), "--quiet"]) != 0:
             raise SystemExit(f"preparing {dataset} failed")
-        return out, spec["max_len"], spec["published"]
-    return Path(dataset), 50, {}
+        return out, spec["published"]
+    return Path(dataset), {}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with a known dataset's own defaults filled in."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="beauty, ml-1m, or a prepared dataset directory")
     parser.add_argument("--epochs", type=int, default=30)
@@ -135,11 +136,33 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="default: 512 for beauty, 64 for ml-1m, else 256")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, help="linear warm-up; keep it well below the steps a budget allows (default: 100 for beauty and ml-1m, else 200)")
-    parser.add_argument("--max-len", type=int, help="default: 50 for beauty, 200 for ml-1m")
+    parser.add_argument("--max-len", type=int, help="default: 50 for beauty, 200 for ml-1m, else 50")
     parser.add_argument("--recipes", nargs="+", help="subset of default scratch causal popularity default-text, or sasrec (run only when named)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override for every recipe, applied after the recipe's own")
     parser.add_argument("--label", type=run_label, help="suffix for the rows' recipe names, for ablations kept beside the plain recipe")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    known_dataset = DATASETS.get(args.dataset, {})
+    args.batch_size = args.batch_size or known_dataset.get("batch_size", 256)
+    args.keep_layers = args.keep_layers or known_dataset.get("keep_layers", 2)
+    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else known_dataset.get("warmup_steps", 200)
+    args.max_len = args.max_len or known_dataset.get("max_len", 50)
+    known = {*recipes(args.keep_layers), "popularity"}
+    if set(args.recipes or ()) - known:
+        parser.error(f"unknown recipe(s) {sorted(set(args.recipes) - known)}; known: {sorted(known)}")
+    return args
+
+
+def common_overrides(root: Path, args: argparse.Namespace) -> list[str]:
+    """The settings every recipe of one benchmark run shares, over configs/demo.yaml."""
+    return [
+        f"data.dataset={root}", f"data.max_len={args.max_len}", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
+        f"optim.lr={args.lr}", f"optim.warmup_steps={args.warmup_steps}", "train.patience=3", "eval.batch_size=512", "train.log_every=100",
+        *([f"train.time_limit_minutes={args.minutes}"] if args.minutes else []), *DATASETS.get(args.dataset, {}).get("overrides", []),
+    ]
+
+
+def main() -> None:
+    args = parse_args()
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -148,31 +171,19 @@ def main() -> None:
     from seqrec.evaluate import popularity_baseline
     from seqrec.train import run
 
-    root, max_len, published = prepared(args.dataset)
-    known_dataset = DATASETS.get(args.dataset, {})
-    args.batch_size = args.batch_size or known_dataset.get("batch_size", 256)
-    args.keep_layers = args.keep_layers or known_dataset.get("keep_layers", 2)
-    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else known_dataset.get("warmup_steps", 200)
-    max_len = args.max_len or max_len
+    root, published = prepared(args.dataset)
     data = PreparedDataset.open(root)
     has_titles = data.meta["counts"]["items_with_title"] > 0
     name = args.dataset if args.dataset in DATASETS else root.name
     wanted = args.recipes or ["default", "scratch", "causal", "popularity"] + (["default-text"] if has_titles else [])
-    common = [
-        f"data.dataset={root}", f"data.max_len={max_len}", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
-        f"optim.lr={args.lr}", f"optim.warmup_steps={args.warmup_steps}", "train.patience=3", "eval.batch_size=512", "train.log_every=100",
-        *( [f"train.time_limit_minutes={args.minutes}"] if args.minutes else []), *known_dataset.get("overrides", []),
-    ]
-    known = {*recipes(args.keep_layers), "popularity"}
-    if set(wanted) - known:
-        parser.error(f"unknown recipe(s) {sorted(set(wanted) - known)}; known: {sorted(known)}")
+    common = common_overrides(root, args)
     results = []
     for recipe in wanted:
         started = time.perf_counter()
         row_name = f"{recipe} ({args.label})" if args.label else recipe
         if recipe == "popularity":
             protocol = EvalConfig()
-            evaluation = popularity_baseline(data, max_len, 512, protocol.ks, protocol.exclude_history)
+            evaluation = popularity_baseline(data, args.max_len, 512, protocol.ks, protocol.exclude_history)
             results.append({"recipe": row_name, **evaluation, "train_seconds": 0.0, "epochs": 0, "config": {}})
             continue
         config = load_config(REPO / "configs" / "demo.yaml", recipe_overrides(recipe, args.keep_layers, common, args.overrides, name, args.label))

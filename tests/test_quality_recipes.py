@@ -82,3 +82,33 @@ def test_runs_side_by_side_keep_every_row(quality, tmp_path, monkeypatch):
     table = (tmp_path / "quality_side-by-side.md").read_text().splitlines()
     assert sum(line.startswith("| default (worker-") for line in table) == workers * rows_each
     assert sorted(path.name for path in tmp_path.iterdir()) == ["quality_side-by-side.json", "quality_side-by-side.md"]
+
+
+def _without_paths(config) -> dict:
+    settings = config.to_dict()
+    for key in ("name", "run_dir"):
+        settings.pop(key)
+    settings["data"].pop("dataset")
+    return settings
+
+
+@pytest.mark.parametrize("config_file, command", [
+    ("beauty.yaml", "--dataset beauty --epochs 40 --recipes default --set train.patience=8 --set train.eval_every=2"),
+    ("ml-1m.yaml", "--dataset ml-1m --epochs 20 --recipes default --set model.compile=true --set train.eval_every=2 --set train.patience=10"),
+])
+def test_a_dataset_config_is_the_benchmarks_measured_recipe(quality, config_file, command):
+    """configs/<dataset>.yaml hands users the recipe behind the benchmark's figure for that
+    dataset: both must train the same job, or the figures its comment quotes are not its own."""
+    args = quality.parse_args(command.split())
+    overrides = quality.recipe_overrides("default", args.keep_layers, quality.common_overrides(Path("shards") / args.dataset, args),
+                                         args.overrides, args.dataset)
+    measured = load_config(REPO / "configs" / "demo.yaml", overrides)
+    shipped = load_config(REPO / "configs" / config_file)
+    assert _without_paths(shipped) == _without_paths(measured)
+    assert shipped.data.dataset == f"shards/{args.dataset}" and shipped.name == args.dataset
+
+
+def test_the_benchmark_refuses_an_unknown_recipe_before_preparing_data(quality, capsys):
+    with pytest.raises(SystemExit) as exited:
+        quality.parse_args(["--dataset", "beauty", "--recipes", "default", "bert4rec"])
+    assert exited.value.code == 2 and "unknown recipe(s) ['bert4rec']" in capsys.readouterr().err
