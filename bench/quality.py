@@ -113,7 +113,9 @@ def recipe_overrides(recipe: str, keep_layers: int, common: list[str], overrides
     return [*common, *recipes(keep_layers)[recipe], *overrides, f"name={name}"]
 
 
-def prepared(dataset: str) -> tuple[Path, dict]:
+def prepared(dataset: str) -> tuple[Path, int, dict]:
+    """A known dataset prepared under shards/ (its directory, max length and published figures),
+    or a prepared directory as it is."""
     if dataset in DATASETS:
         spec = DATASETS[dataset]
         out = REPO / "shards" / dataset
@@ -122,8 +124,8 @@ def prepared(dataset: str) -> tuple[Path, dict]:
 
         if seqrec_main(["prepare", *args, "--out", str(out), "--quiet"]) != 0:
             raise SystemExit(f"preparing {dataset} failed")
-        return out, spec["published"]
-    return Path(dataset), {}
+        return out, spec["max_len"], spec["published"]
+    return Path(dataset), 50, {}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -171,7 +173,7 @@ def main() -> None:
     from seqrec.evaluate import popularity_baseline
     from seqrec.train import run
 
-    root, published = prepared(args.dataset)
+    root, _, published = prepared(args.dataset)
     data = PreparedDataset.open(root)
     has_titles = data.meta["counts"]["items_with_title"] > 0
     name = args.dataset if args.dataset in DATASETS else root.name

@@ -1,0 +1,33 @@
+"""The benchmarks with a smoke mode run end to end: their figures are not checked here (they
+belong to bench/results, measured alone on the machine), only that the scripts still run against
+the package and the other benchmarks' helpers they import, and report every headline key."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO, data_dir, require_data
+
+
+def _quick(script: str, *arguments: str, timeout: int) -> dict:
+    env = {**os.environ, "SEQREC_DATA_DIR": str(data_dir()), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, f"bench/{script}", "--quick", *arguments], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    printed = result.stdout
+    return json.loads(printed[printed.index("\n{") + 1:])
+
+
+def test_the_efficiency_benchmark_runs_and_reports_its_headline_ratios():
+    require_data("beauty.txt")
+    figures = _quick("efficiency.py", "--batch", "16", "--keep-layers", "1", timeout=600)
+    for key in ("vs_naive_ratio", "mfu_cpu", "eval_users_per_s_ratio", "reader_over_step_ratio"):
+        assert figures[key] > 0, (key, figures[key])
+
+
+def test_the_host_overhead_benchmark_runs_and_counts_operators():
+    figures = _quick("host_overhead.py", timeout=300)
+    assert figures["seqrec_over_plain_step_time"] > 0
+    assert all(counts["aten"] > 0 for counts in figures["operators_per_step"].values())
