@@ -31,3 +31,11 @@ def test_the_host_overhead_benchmark_runs_and_counts_operators():
     figures = _quick("host_overhead.py", timeout=300)
     assert figures["seqrec_over_plain_step_time"] > 0
     assert all(counts["aten"] > 0 for counts in figures["operators_per_step"].values())
+
+
+def test_every_benchmark_script_parses_its_command_line():
+    scripts = sorted(path.name for path in (REPO / "bench").glob("*.py") if path.name != "common.py")
+    assert {"efficiency.py", "quality.py", "recbole.py"} <= set(scripts)
+    for script in scripts:
+        result = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "usage:" in result.stdout, (script, result.stderr[-2000:])
