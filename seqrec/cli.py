@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -17,6 +18,9 @@ _GENERIC_STEMS = {"u", "ratings", "data", "interactions", "train", "log"}
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        argv = ["train", *config_flags_as_overrides(argv[1:])]
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -35,6 +39,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"seqrec {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+# A config field as a flag, `--section.field=value`: how a wandb sweep agent passes its
+# parameters (`${args}` in the sweep's command, the default).
+_CONFIG_FLAG = re.compile(r"--([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)=(.*)", re.DOTALL)
+
+
+def config_flags_as_overrides(argv: list[str]) -> list[str]:
+    """`--section.field=value` becomes `--set section.field=value`, so a sweep whose parameters
+    are named after config fields (`optim.lr`, `loss.mask_prob`) drives `seqrec train` as it is.
+    The agent writes values with Python's str(), so `None` means null there."""
+    converted = []
+    for token in argv:
+        flag = _CONFIG_FLAG.fullmatch(token)
+        if flag is None:
+            converted.append(token)
+            continue
+        key, value = flag.groups()
+        converted += ["--set", f"{key}={'null' if value == 'None' else value}"]
+    return converted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model from a job config (also: launcher/train.py)")
     train.add_argument("--config", type=Path, help="YAML job config (configs/*.yaml)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.epochs=3")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field, e.g. train.epochs=3; --train.epochs=3 is the same (a wandb sweep's ${args})")
     train.add_argument("--resume", default="never", metavar="auto|never|DIR",
                        help="auto: continue from the newest complete checkpoint of the run, if any; or a checkpoint directory")
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment instead.

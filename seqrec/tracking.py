@@ -80,7 +80,6 @@ class Tracker:
 
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if resumed and id_file.is_file() else secrets.token_hex(6)
-        id_file.write_text(run_id + "\n")
         kwargs = dict(
             project=tracking.project, entity=tracking.entity, name=tracking.run_name or config.name, tags=list(tracking.tags),
             config=config.to_dict(), dir=str(run_dir), id=run_id, resume="allow", reinit="finish_previous",
@@ -93,9 +92,12 @@ class Tracker:
             log.warning("wandb online start failed (%s); logging offline instead, `wandb sync %s/wandb` uploads later", exc, run_dir)
             self.mode = "offline"
             self.run = wandb.init(mode="offline", settings=wandb.Settings(console="off", silent=True), **kwargs)
+        # The run's own id: under a sweep agent wandb takes the agent's (WANDB_RUN_ID) over ours.
+        with atomic_file(id_file) as handle:
+            handle.write(self.run.id + "\n")
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
-        log.info("wandb %s run %s in %s", self.mode, run_id, run_dir / "wandb")
+        log.info("wandb %s run %s in %s", self.mode, self.run.id, run_dir / "wandb")
 
     def reset_history(self, resumed_step: int | None) -> None:
         """Fresh run: empty. Resumed at step S: keep what happened up to the checkpoint (step
@@ -161,10 +163,35 @@ class Tracker:
 def read_offline_history(run_file: Path) -> list[dict]:
     """History rows of a `.wandb` run file (LevelDB-style log of protobuf records), values decoded
     from JSON, wandb's own `_`-keys dropped. For checks and for reading runs without a server."""
+    rows = []
+    for record in _offline_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            items = {_item_key(item): json.loads(item.value_json) for item in record.history.item}
+            rows.append({key: value for key, value in items.items() if not key.startswith("_")})
+    return rows
+
+
+def read_offline_summary(run_file: Path) -> dict:
+    """The run summary a `.wandb` run file ends with (its summary updates merged in order): what a
+    sweep reads its metric from. Offline runs write no wandb-summary.json."""
+    summary: dict = {}
+    for record in _offline_records(run_file):
+        if record.WhichOneof("record_type") == "summary":
+            summary.update({_item_key(item): json.loads(item.value_json) for item in record.summary.update})
+            for item in record.summary.remove:
+                summary.pop(_item_key(item), None)
+    return {key: value for key, value in summary.items() if not key.startswith("_")}
+
+
+def _item_key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def _offline_records(run_file: Path) -> list:
     from wandb.proto import wandb_internal_pb2
 
     data = Path(run_file).read_bytes()
-    block, position, pending, records = 32768, 7, b"", []
+    block, position, pending, payloads = 32768, 7, b"", []
     while position + 7 <= len(data):
         left = block - position % block
         if left < 7:
@@ -177,18 +204,16 @@ def read_offline_history(run_file: Path) -> list[dict]:
         payload = data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind == 1:
-            records.append(payload)
+            payloads.append(payload)
         elif kind == 2:
             pending = payload
         elif kind == 3:
             pending += payload
         elif kind == 4:
-            records.append(pending + payload)
-    rows = []
-    for payload in records:
+            payloads.append(pending + payload)
+    records = []
+    for payload in payloads:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
-        if record.WhichOneof("record_type") == "history":
-            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            rows.append({key: value for key, value in items.items() if not key.startswith("_")})
-    return rows
+        records.append(record)
+    return records
