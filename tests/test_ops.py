@@ -59,7 +59,6 @@ def test_wandb_offline_history_equals_metrics_jsonl(trained_run):
     assert any("valid/NDCG@10" in row for row in logged) and any("test/NDCG@10" in row for row in logged)
 
 
-
 @pytest.mark.parametrize("ending", ["finish", "stopped"])
 def test_the_wandb_run_file_is_whole_when_the_tracker_closes(tmp_path, monkeypatch, ending):
     """wandb's service writes a run file's buffered records when it closes the run's stream, on a
@@ -84,6 +83,7 @@ def test_the_wandb_run_file_is_whole_when_the_tracker_closes(tmp_path, monkeypat
     assert len(run_files) == 1
     logged = [row for row in read_offline_history(run_files[0]) if "final_metrics/_type" not in row]
     assert [row.get("step") for row in logged] == [1, 2, 3, 4]
+
 
 def test_wandb_mode_is_online_only_when_logged_in(tmp_path):
     assert wandb_mode("disabled", {}) == "disabled"

@@ -5,7 +5,6 @@ those values and log into the agent's run."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import yaml
 from seqrec.cli import config_flags_as_overrides
 from seqrec.tracking import WANDB_ID_FILE, read_history, read_offline_history, read_offline_summary
 from tests.conftest import REPO
+from tests.test_distributed import _env
 
 
 def test_config_flags_become_overrides_and_other_arguments_stay():
@@ -31,12 +31,10 @@ def test_a_sweep_agents_command_trains_with_its_values_into_its_run(tiny_dataset
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(parameters))
     # As wandb's agent sets up a run: its ids and the parameter file in the environment, and the
     # parameters formatted by the sweep's default `${args}` after the command's fixed arguments.
-    # (This process's own in-process trainings leave its rendezvous variables set: not the agent's.)
-    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({
-        "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+    env = {
+        **_env(), "WANDB_MODE": "offline",
         "WANDB_SWEEP_ID": "sweep0001", "WANDB_RUN_ID": "agentrun0001", "WANDB_SWEEP_PARAM_PATH": str(tmp_path / "params.yaml"),
-    })
+    }
     sweep_args = [f"--{name}={spec['value']}" for name, spec in parameters.items()]
     command = [sys.executable, "launcher/train.py", "--config=configs/tiny.yaml", "--set", f"data.dataset={tiny_dataset}",
                "--set", f"run_dir={run_dir}", "--train.epochs=1", *sweep_args]
