@@ -10,7 +10,9 @@ data, stop early) travel over a gloo group so they never force a GPU synchronisa
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
+import importlib
 import logging
 import os
 import re
@@ -86,6 +88,25 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
 
 
+@contextlib.contextmanager
+def _without_shared_memory_inference_op():
+    """DeepSpeed's torch backend JIT-compiles a C++ shared-memory all-reduce on CPU hosts when it
+    starts. Only tensor-parallel inference calls it (`inference_all_reduce`), never ZeRO
+    training, yet building it needs a C++ compiler at run time (a slim image without one
+    cannot start) and ~45 s on each new machine or environment path. So it is not built."""
+    # Not `from deepspeed.comm import torch`: that package re-exports the torch module itself.
+    deepspeed_torch_backend = importlib.import_module("deepspeed.comm.torch")
+    builder = getattr(deepspeed_torch_backend, "build_shm_op", None)
+    if builder is None:  # a DeepSpeed that no longer builds it here
+        yield
+        return
+    deepspeed_torch_backend.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        deepspeed_torch_backend.build_shm_op = builder
+
+
 def init(device_type: str, timeout_minutes: float) -> DistInfo:
     """Join (or create) the process group. Idempotent: the group lives until the process exits
     (DeepSpeed caches its groups, so a second group in one process would confuse it)."""
@@ -103,10 +124,11 @@ def init(device_type: str, timeout_minutes: float) -> DistInfo:
         # DeepSpeed still calls the collectives torch renamed; the warning repeats every step.
         warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.? is deprecated", category=FutureWarning)
 
-        deepspeed.init_distributed(
-            dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes),
-            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-        )
+        with _without_shared_memory_inference_op():
+            deepspeed.init_distributed(
+                dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes),
+                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+            )
         atexit.register(shutdown)
     if _control_group is None:
         _control_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD

@@ -33,9 +33,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def torchrun(nproc: int, *args, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args, timeout: float = 300, extra_env: dict[str, str] | None = None, **popen) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
-    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout, **popen)
+    env = {**_env(), **(extra_env or {})}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **popen)
 
 
 def train_args(dataset: Path, run_dir: Path, *overrides: str) -> list[str]:
@@ -214,6 +215,17 @@ def test_uneven_shards_finish_with_equal_steps_on_every_rank(tiny_dataset, tmp_p
     # 16 per micro-batch: the poorer rank has ceil(60/16) = 4 or ceil(120/16) = 8 batches per epoch.
     assert metrics["steps"] in range(3 * 4, 3 * 8 + 1)
     assert "left over per rank" in result.stderr
+
+
+def test_cpu_training_starts_without_a_cpp_compiler_and_builds_no_extension(tiny_dataset, tmp_path):
+    # DeepSpeed would JIT-build its shared-memory inference all-reduce here: a slim image has no
+    # compiler for it, and training never calls it.
+    extensions = tmp_path / "torch_extensions"
+    no_compiler = {"CXX": str(tmp_path / "no-such-c++"), "TORCH_EXTENSIONS_DIR": str(extensions)}
+    result = torchrun(2, *train_args(tiny_dataset, tmp_path / "run", "train.max_steps=2"), extra_env=no_compiler, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["processes"] == 2
+    assert not extensions.exists() or not any(extensions.iterdir())
 
 
 def test_a_crashing_rank_ends_the_job_with_an_error(tiny_dataset, tmp_path):
