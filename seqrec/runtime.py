@@ -36,6 +36,26 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if supported else None
 
 
+def require_compile_toolchain(device: torch.device) -> None:
+    """`model.compile` on a CPU: inductor writes C++ for each layer and builds it with the host's
+    compiler at the first step. Checked at start, so a host without one fails there with the
+    setting named, not after the data and model are set up with a compiler traceback."""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+    except ImportError:  # a torch that moved them: the first compiled step reports it instead
+        return
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler as error:
+        raise ConfigError(
+            f"model.compile: torch.compile on {device} builds C++ and found no working compiler ({error}); "
+            "install one (e.g. g++, or name it in CXX) or set model.compile=false"
+        ) from None
+
+
 def attention_kernel(requested: str, device: torch.device) -> str:
     """transformers' attention implementation for `model.attention_kernel` on this device."""
     if requested != "auto":

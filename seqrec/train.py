@@ -40,7 +40,7 @@ from seqrec.evaluate import evaluate_model, format_table, popularity_baseline
 from seqrec.losses import LossParts, LossWeights, MaskedItemObjective
 from seqrec.model import build_model
 from seqrec.optim import planned_total_steps
-from seqrec.runtime import autocast_dtype, keep_freed_host_memory
+from seqrec.runtime import autocast_dtype, keep_freed_host_memory, require_compile_toolchain
 from seqrec.stop_signals import StopSignals, held_back
 from seqrec.tracking import Tracker
 from seqrec.universal import PARAMETERS
@@ -143,6 +143,8 @@ class _Trainer:
         self.run_dir = config.run_path
         self.checkpoints = self.run_dir / "checkpoints"
         self.amp = autocast_dtype(config.train.precision, device)
+        if config.model.compile:
+            require_compile_toolchain(device)
         self.plan: BatchPlan = plan_batches(config, info.world_size)
         self.data = PreparedDataset.open(config.data.dataset)
         self.stream_options = StreamOptions(

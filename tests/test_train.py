@@ -267,6 +267,18 @@ def test_compiled_encoder_trains_like_the_eager_one(small_dataset, tmp_path, act
     assert compiled.metrics["test"]["NDCG@10"] == pytest.approx(eager.metrics["test"]["NDCG@10"], abs=0.02)
 
 
+def test_compile_without_a_cpp_compiler_is_a_config_error_before_any_setup(small_dataset, tmp_path, monkeypatch):
+    from torch._inductor import config as inductor_config
+
+    from seqrec import train as train_module
+    from seqrec.errors import ConfigError
+
+    monkeypatch.setattr(train_module, "build_model", lambda *args, **kwargs: pytest.fail("the model was built"))
+    with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-c++"))}):
+        with pytest.raises(ConfigError, match=r"model.compile: .*no working compiler.*model.compile=false"):
+            run(_config(small_dataset, tmp_path / "run", "model.compile=true", "train.max_steps=1"))
+
+
 def test_compile_with_zero3_is_a_config_error(small_dataset, tmp_path):
     from seqrec.errors import ConfigError
 
