@@ -78,6 +78,8 @@ DATASETS = {
         "published": {"BERT4Rec": (0.2843, 0.1537), "SASRec+ (full CE)": (0.3152, 0.1821)},
     },
 }
+# The length cap of a prepared directory the table above does not name.
+DEFAULT_MAX_LEN = 50
 PROTOCOL = "leave-one-out (last item test, second-to-last validation), full item set ranked, history items excluded, pessimistic ties"
 
 
@@ -125,7 +127,7 @@ def prepared(dataset: str) -> tuple[Path, int, dict]:
         if seqrec_main(["prepare", *args, "--out", str(out), "--quiet"]) != 0:
             raise SystemExit(f"preparing {dataset} failed")
         return out, spec["max_len"], spec["published"]
-    return Path(dataset), 50, {}
+    return Path(dataset), DEFAULT_MAX_LEN, {}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -138,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="default: 512 for beauty, 64 for ml-1m, else 256")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, help="linear warm-up; keep it well below the steps a budget allows (default: 100 for beauty and ml-1m, else 200)")
-    parser.add_argument("--max-len", type=int, help="default: 50 for beauty, 200 for ml-1m, else 50")
+    parser.add_argument("--max-len", type=int, help=f"default: 50 for beauty, 200 for ml-1m, else {DEFAULT_MAX_LEN}")
     parser.add_argument("--recipes", nargs="+", help="subset of default scratch causal popularity default-text, or sasrec (run only when named)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override for every recipe, applied after the recipe's own")
     parser.add_argument("--label", type=run_label, help="suffix for the rows' recipe names, for ablations kept beside the plain recipe")
@@ -147,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batch_size = args.batch_size or known_dataset.get("batch_size", 256)
     args.keep_layers = args.keep_layers or known_dataset.get("keep_layers", 2)
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else known_dataset.get("warmup_steps", 200)
-    args.max_len = args.max_len or known_dataset.get("max_len", 50)
+    args.max_len = args.max_len or known_dataset.get("max_len", DEFAULT_MAX_LEN)
     known = {*recipes(args.keep_layers), "popularity"}
     if set(args.recipes or ()) - known:
         parser.error(f"unknown recipe(s) {sorted(set(args.recipes) - known)}; known: {sorted(known)}")
