@@ -7,7 +7,8 @@
 #   cuda-tests     the tests that need a GPU (masking and the divergence watch without host sync,
 #                  bf16 training over NCCL, stopped by a signal and resumed, resumed under ZeRO-3)
 #   deepspeed      `deepspeed --num_gpus 1 launcher/train.py`: the demo job (pretrained MiniLM,
-#                  bf16, NCCL, ZeRO-2), then the tiny job under ZeRO-3
+#                  bf16, NCCL, ZeRO-2) and `seqrec evaluate` of its model on the GPU, then the tiny
+#                  job under ZeRO-3
 #   efficiency     bench/efficiency.py --device cuda (vs naive, MFU against this GPU's bf16 peak,
 #                  evaluation and reader ratios), kept under "gpu" in bench/results/efficiency.json,
 #                  plus the eager step's operator table (--profile: bench/results/profile_cuda.txt),
@@ -55,6 +56,8 @@ deepspeed_runs() {
     "$PYTHON" -m seqrec prepare shards/synthetic-tiny.csv --out shards/synthetic-tiny --shard-size 50 --quiet &&
     "$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 launcher/train.py --config configs/demo.yaml \
         --set distributed.deepspeed_config=configs/deepspeed/zero2.json --set run_dir=runs/gpu-demo &&
+    "$PYTHON" -m seqrec evaluate --model runs/gpu-demo/model --dataset shards/synthetic-demo --device cuda --precision bf16 \
+        --predictions runs/gpu-demo/test-predictions.jsonl --quiet &&
     "$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 launcher/train.py --config configs/tiny.yaml \
         --set distributed.zero_stage=3 --set run_dir=runs/gpu-tiny-zero3 &&
     "$PYTHON" - <<'EOF'
@@ -106,7 +109,7 @@ steps=("$@")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 for name in "${steps[@]}"; do
     case $name in
-        cuda-tests) step cuda-tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_masking.py tests/test_train.py tests/test_divergence.py tests/test_stop_signals.py tests/test_distributed.py -k cuda ;;
+        cuda-tests) step cuda-tests 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_masking.py tests/test_train.py tests/test_divergence.py tests/test_stop_signals.py tests/test_distributed.py tests/test_export_eval.py -k cuda ;;
         deepspeed) step deepspeed 300 deepspeed_runs ;;
         efficiency) step efficiency 600 "$PYTHON" bench/efficiency.py --device cuda --profile
                     step host-overhead 300 "$PYTHON" bench/host_overhead.py --device cuda

@@ -146,6 +146,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                           help="as train.precision; training validates in its own (auto: bf16 where native)")
     evaluate.add_argument("--output", type=Path, help="also write the metrics as JSON here")
+    evaluate.add_argument("--predictions", type=Path,
+                          help="also write each evaluated user's top-K list here as JSONL (original ids: user, target, "
+                               "the target's rank, items and scores, best first)")
+    evaluate.add_argument("--top-k", type=int, help="length of each --predictions list (default: the largest of --ks)")
     evaluate.set_defaults(run=_run_evaluate)
 
     for command in (synth, prepare, inspect, train, export, recommend, evaluate):
@@ -227,10 +231,12 @@ def _run_export(args: argparse.Namespace) -> None:
 def _run_evaluate(args: argparse.Namespace) -> None:
     import json
 
+    from seqrec import distributed
     from seqrec.atomic import atomic_file
+    from seqrec.data.prepared import PreparedDataset
     from seqrec.errors import ConfigError
     from seqrec.evaluate import format_table
-    from seqrec.export_eval import evaluate_export
+    from seqrec.export_eval import evaluate_export, launched_as_ranks, write_predictions
 
     try:
         ks = tuple(int(k) for k in args.ks.split(","))
@@ -240,17 +246,28 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--ks: expected integers >= 1 separated by commas, got {args.ks!r}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k: must be >= 1, got {args.top_k}")
     result = evaluate_export(
-        args.model, args.dataset, args.split, args.batch_size, ks, not args.include_history, args.device, args.precision
+        args.model, args.dataset, args.split, args.batch_size, ks, not args.include_history, args.device, args.precision,
+        top_k=args.top_k,
     )
-    print(f"{args.model} on {args.dataset}, {result.split} split, {result.users} users, full catalogue"
-          f"{'' if args.include_history else ', history excluded'}:")
-    print(format_table({"seqrec": result.model, "popularity": result.popularity}, ks))
-    if args.output is not None:
-        row = {"model": str(args.model), "dataset": str(args.dataset), "split": result.split, "users": result.users,
-               "exclude_history": not args.include_history, "metrics": result.model, "popularity": result.popularity}
-        with atomic_file(args.output) as handle:
-            handle.write(json.dumps(row, indent=2) + "\n")
+    if result.is_main:
+        ranks = f", on {result.world_size} ranks" if result.world_size > 1 else ""
+        print(f"{args.model} on {args.dataset}, {result.split} split, {result.users} users, full catalogue"
+              f"{'' if args.include_history else ', history excluded'}{ranks}:")
+        print(format_table({"seqrec": result.model, "popularity": result.popularity}, ks))
+        if args.output is not None:
+            row = {"model": str(args.model), "dataset": str(args.dataset), "split": result.split, "users": result.users,
+                   "exclude_history": not args.include_history, "metrics": result.model, "popularity": result.popularity}
+            with atomic_file(args.output) as handle:
+                handle.write(json.dumps(row, indent=2) + "\n")
+        if args.predictions is not None:
+            with atomic_file(args.predictions) as handle:
+                count = write_predictions(result, PreparedDataset.open(args.dataset), handle)
+            print(f"wrote {count} top-{result.output.top_items.shape[1]} lists to {args.predictions}")
+    if launched_as_ranks():
+        distributed.finish()
 
 
 def _run_recommend(args: argparse.Namespace) -> None:

@@ -138,10 +138,10 @@ def init(device_type: str, timeout_minutes: float) -> DistInfo:
     return info
 
 
-def start(requested_device: str, timeout_minutes: float) -> tuple[torch.device, DistInfo]:
+def start(requested_device: str, timeout_minutes: float, device_setting: str = "train.device") -> tuple[torch.device, DistInfo]:
     """Resolve the device, join the process group, and pin this rank's GPU as the current CUDA
     device (so bare `.cuda()` calls and NCCL land on it)."""
-    device = resolve_device(requested_device)
+    device = resolve_device(requested_device, device_setting)
     info = init(device.type, timeout_minutes)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)

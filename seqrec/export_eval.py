@@ -1,22 +1,33 @@
-"""`seqrec evaluate`: an exported model's metrics on a prepared dataset's validation or test split.
+"""`seqrec evaluate`: an exported model's metrics on a prepared dataset's validation or test split,
+and optionally every evaluated user's top-K list.
 
 The model is read as a plain Hugging Face directory (`seqrec.recommend.Recommender`), so this
 checks what users deploy, not the training process's live weights, under the training
-protocol: the same histories, mask, full-catalogue ranks and popularity baseline.
+protocol: the same histories, mask, full-catalogue ranks and popularity baseline. Ranking goes
+through the evaluator training validates with (`seqrec.sharded_eval`): started by `torchrun`,
+`deepspeed` or `srun`, the ranks split the catalogue between them, and any number of ranks gives
+the same ranks and lists bit for bit.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
+from seqrec import distributed
+from seqrec.config import DistributedConfig
 from seqrec.data.prepared import PreparedDataset
+from seqrec.data.split import EvalSet
 from seqrec.errors import SeqrecError
-from seqrec.evaluate import metrics_from_ranks, popularity_baseline, rank_all
+from seqrec.evaluate import popularity_baseline
 from seqrec.recommend import Recommender
-from seqrec.runtime import autocast_dtype
+from seqrec.runtime import autocast_dtype, resolve_device
+from seqrec.sharded_eval import EvalOutput, evaluate_sharded
 
 SPLITS = ("valid", "test")
 
@@ -26,26 +37,72 @@ class ExportEvaluation:
     split: str
     users: int
     model: dict[str, float]
-    popularity: dict[str, float]
+    popularity: dict[str, float] | None  # on the main rank only
+    eval_set: EvalSet
+    output: EvalOutput  # each user's target rank and top-K list, on every rank
+    world_size: int
+    is_main: bool  # the rank that reports
+
+
+def launched_as_ranks() -> bool:
+    """Whether `torchrun`, `deepspeed` or `srun` started this process as one of several ranks."""
+    return int(distributed.launch_environment()["WORLD_SIZE"]) > 1
 
 
 def evaluate_export(
     model_dir: Path, dataset_dir: Path, split: str = "test", batch_size: int = 256, ks=(1, 5, 10, 20),
-    exclude_history: bool = True, device: str = "cpu", precision: str = "fp32",
+    exclude_history: bool = True, device: str = "cpu", precision: str = "fp32", top_k: int | None = None,
 ) -> ExportEvaluation:
-    """`precision` as `train.precision` (fp32, bf16, auto); the training run validated in its own."""
+    """`precision` as `train.precision` (fp32, bf16, auto); the training run validated in its own.
+    Launched as several ranks, this joins their process group (each rank on its own GPU)."""
     if split not in SPLITS:
         raise SeqrecError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
-    recommender = Recommender(model_dir, device, autocast_dtype(precision, torch.device(device)))
+    if launched_as_ranks():
+        rank_device, info = distributed.start(device, DistributedConfig().timeout_minutes, device_setting="--device")
+        is_main, world_size = info.is_main, info.world_size
+        if not is_main:
+            logging.getLogger("seqrec").setLevel(logging.WARNING)
+    else:
+        rank_device, is_main, world_size = resolve_device(device, "--device"), True, 1
+    recommender = Recommender(model_dir, rank_device)
     data = PreparedDataset.open(dataset_dir)
     _check_same_items(recommender, data, model_dir, dataset_dir)
     eval_set = data.eval_set(split)
-    ranks = rank_all(
-        recommender.scores, eval_set, batch_size, recommender.max_len, append_mask=not recommender.next_item,
-        exclude_history=exclude_history, device=recommender.device,
+    output = evaluate_sharded(
+        recommender.seqrec_model(), eval_set, batch_size, recommender.max_len, tuple(ks), exclude_history,
+        recommender.device, autocast_dtype(precision, recommender.device), top_k=top_k and min(top_k, recommender.num_items),
     )
-    popularity = popularity_baseline(data, recommender.max_len, batch_size, tuple(ks), exclude_history, splits=(split,))[split]
-    return ExportEvaluation(split, len(eval_set), metrics_from_ranks(ranks, tuple(ks)), popularity)
+    popularity = None
+    if is_main:
+        popularity = popularity_baseline(data, recommender.max_len, batch_size, tuple(ks), exclude_history, splits=(split,))[split]
+    return ExportEvaluation(split, len(eval_set), output.metrics, popularity, eval_set, output, world_size, is_main)
+
+
+def prediction_rows(evaluation: ExportEvaluation, data: PreparedDataset) -> Iterator[dict]:
+    """One row per evaluated user, in the split's order, in original ids: the target, its exact
+    (pessimistic) rank, and the top-K items with their scores, best first. Excluded history
+    items never appear; a list is shorter than K only when fewer items were left to rank."""
+    item_ids, _ = data.items()
+    user_ids = data.user_ids()
+    output = evaluation.output
+    ranked = (output.top_items >= 1) & (output.top_items <= len(item_ids)) & np.isfinite(output.top_scores)
+    for row, (user, target, rank) in enumerate(zip(evaluation.eval_set.users, evaluation.eval_set.targets, output.ranks)):
+        keep = ranked[row]
+        yield {
+            "user": user_ids[user],
+            "target": item_ids[target - 1],
+            "rank": int(rank),
+            "items": [item_ids[item - 1] for item in output.top_items[row][keep].tolist()],
+            "scores": [round(score, 6) for score in output.top_scores[row][keep].tolist()],
+        }
+
+
+def write_predictions(evaluation: ExportEvaluation, data: PreparedDataset, handle) -> int:
+    count = 0
+    for row in prediction_rows(evaluation, data):
+        handle.write(json.dumps(row) + "\n")
+        count += 1
+    return count
 
 
 def _check_same_items(recommender: Recommender, data: PreparedDataset, model_dir: Path, dataset_dir: Path) -> None:

@@ -22,7 +22,8 @@ from seqrec.data.prepared import ITEMS_FILE, read_tsv
 from seqrec.errors import InputError, SeqrecError
 from seqrec.export import read_items_meta
 from seqrec.masking import tail_positions
-from seqrec.model import MASK_ITEM, _quiet_transformers, position_ids_for, scored_states
+from seqrec.model import MASK_ITEM, ItemVocabulary, SeqRecModel, _quiet_transformers, position_ids_for, scored_states
+from seqrec.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,15 @@ class Recommendation:
 
 
 class Recommender:
-    def __init__(self, model_dir: Path, device: str = "cpu", autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model_dir: Path, device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None):
         model_dir = Path(model_dir)
         meta = read_items_meta(model_dir)
         if not (model_dir / "model.safetensors").is_file():
             raise SeqrecError(f"{model_dir}: no model.safetensors; seqrec loads weights from safetensors only")
+        self.device = resolve_device(str(device), "--device")
         with _quiet_transformers():
-            self.model = AutoModelForMaskedLM.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
-        self.device = torch.device(device)
+            self.model = AutoModelForMaskedLM.from_pretrained(model_dir, use_safetensors=True).to(self.device).eval()
+        self.causal = meta.get("attention") == "causal"
         self.autocast_dtype = autocast_dtype
         self.first_token = int(meta["first_item_token"])
         self.num_items = int(meta["num_items"])
@@ -54,9 +56,20 @@ class Recommender:
         self.direct_head = meta.get("head", "transform") == "direct"
         self.position_scheme = meta.get("positions", "from_start")
         self.max_len = min(int(meta.get("max_len") or self.model.config.max_position_embeddings), self.model.config.max_position_embeddings)
-        self.mask_token = _mask_token_id(model_dir)
+        self.tokenizer = _tokenizer(model_dir)
+        self.mask_token = int(self.tokenizer.mask_token_id)
         self.original_ids, self.titles = _read_items(model_dir / ITEMS_FILE, self.num_items)
         self.index = {original: item for item, original in enumerate(self.original_ids, start=1)}
+
+    def seqrec_model(self) -> SeqRecModel:
+        """These weights (shared, not copied) as the training code's model, which the evaluator
+        that shards the catalogue across ranks takes."""
+        vocab = ItemVocabulary(self.num_items, self.first_token, int(self.tokenizer.pad_token_id), self.mask_token)
+        query = "mask_and_previous" if self.add_previous else "mask"
+        return SeqRecModel(
+            self.model, self.tokenizer, vocab, causal=self.causal, positions=self.position_scheme, next_item=self.next_item,
+            item_head="direct" if self.direct_head else "transform", query=query,
+        ).eval()
 
     def to_items(self, history: list[str], where: str, skip_unknown: bool) -> list[int]:
         unknown = [item for item in history if item not in self.index]
@@ -116,7 +129,7 @@ def _read_items(path: Path, num_items: int) -> tuple[list[str], list[str]]:
     return [row[1] for row in rows], [row[2] for row in rows]
 
 
-def _mask_token_id(model_dir: Path) -> int:
+def _tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
-    return int(AutoTokenizer.from_pretrained(model_dir).mask_token_id)
+    return AutoTokenizer.from_pretrained(model_dir)

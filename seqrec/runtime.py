@@ -7,12 +7,20 @@ import torch
 from seqrec.errors import ConfigError
 
 
-def resolve_device(requested: str) -> torch.device:
+def resolve_device(requested: str, setting: str = "train.device") -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` as a device this machine has; errors name `setting`."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{setting}: must be auto, cpu, cuda or cuda:N, got {requested!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {requested} requested but CUDA is not available on this machine")
+        raise ConfigError(f"{setting}: {requested} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{setting}: {requested} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -198,9 +198,12 @@ def _merge_top_k(scores: list[torch.Tensor], ids: list[torch.Tensor], k: int) ->
 def evaluate_sharded(
     model: SeqRecModel, eval_set: EvalSet, batch_size: int, max_len: int, ks, exclude_history: bool, device,
     autocast_dtype=None, zero3: bool = False, item_block: int | None = None, encode_batch: int = ENCODE_BATCH,
+    top_k: int | None = None,
 ) -> EvalOutput:
+    """Metrics at `ks`, each user's exact target rank, and each user's `top_k` (default: the
+    largest of `ks`) best items, on every rank."""
     rank, world = _world()
-    num_items, top_k = model.vocab.num_items, max(ks)
+    num_items, top_k = model.vocab.num_items, top_k or max(ks)
     item_block = item_block or default_item_block(num_items)
     lo, hi = item_range(num_items, rank, world, item_block)
     was_training = model.training
