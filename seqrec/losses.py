@@ -47,11 +47,12 @@ class LossSums(NamedTuple):
 
     def combine(self, weights: LossWeights, masked_count_all_ranks: torch.Tensor | None = None, world_size: int = 1) -> LossParts:
         """With the all-rank count, `masked` is scaled so that gradient averaging over ranks yields
-        the mean over every masked position of the global batch."""
+        the mean over every masked position of the global batch. A batch without a scored position
+        (next-item rows of one item each: nothing follows their item) contributes 0, not 0 / 0."""
         if masked_count_all_ranks is None:
-            masked = self.masked_sum / self.masked_count
+            masked = self.masked_sum / self.masked_count.clamp(min=1)
         else:
-            masked = self.masked_sum * world_size / masked_count_all_ranks
+            masked = self.masked_sum * world_size / masked_count_all_ranks.clamp(min=1)
         total = weights.tail * self.tail_mean + weights.masked * masked
         contrastive = None
         if self.contrastive_mean is not None:

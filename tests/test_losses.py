@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from seqrec.config import ModelConfig, ScratchBertConfig
-from seqrec.losses import MaskedItemObjective, causal_loss_sums, causal_next_item_loss, masked_item_loss
+from seqrec.losses import LossWeights, MaskedItemObjective, causal_loss_sums, causal_next_item_loss, masked_item_loss
 from seqrec.masking import IGNORE_LABEL, mask_from_draws, mask_items
 from seqrec.model import build_model
 
@@ -141,6 +141,19 @@ def test_causal_loss_is_finite_with_single_item_rows():
     parts = causal_next_item_loss(model, items)
     parts.total.backward()
     assert torch.isfinite(parts.total)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_a_causal_batch_of_only_single_item_rows_is_a_zero_loss_not_nan():
+    """Length bucketing puts a log's one-item training rows (users with 3 interactions) into
+    batches of their own, where the next-item objective has no target at all."""
+    model = _model("causal").train()
+    items = torch.tensor([[5, 0], [3, 0], [7, 0]])
+    sums = causal_loss_sums(model, items)
+    assert sums.scored_rows == 0
+    for parts in (sums.combine(LossWeights(0.0, 1.0)), sums.combine(LossWeights(0.0, 1.0), torch.zeros(()), world_size=2)):
+        assert parts.total.item() == 0.0 and parts.masked.item() == 0.0
+    sums.combine(LossWeights(0.0, 1.0)).total.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
