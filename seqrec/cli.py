@@ -18,7 +18,7 @@ _GENERIC_STEMS = {"u", "ratings", "data", "interactions", "train", "log"}
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = without_launcher_rank_flag(list(sys.argv[1:] if argv is None else argv))
     if argv[:1] == ["train"]:
         argv = ["train", *config_flags_as_overrides(argv[1:])]
     args = parser.parse_args(argv)
@@ -39,6 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"seqrec {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+_LOCAL_RANK_FLAG = re.compile(r"--local[_-]rank=\d+")
+
+
+def without_launcher_rank_flag(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher puts `--local_rank=N` right after the script (`launcher/train.py
+    --local_rank=0 ...`) or module (`-m seqrec --local_rank=0 evaluate ...`); the rank is read from
+    the environment (LOCAL_RANK) instead, so the flag is dropped wherever it stands."""
+    return [token for token in argv if not _LOCAL_RANK_FLAG.fullmatch(token)]
 
 
 # A config field as a flag, `--section.field=value`: how a wandb sweep agent passes its
@@ -109,8 +119,6 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a field, e.g. train.epochs=3; --train.epochs=3 is the same (a wandb sweep's ${args})")
     train.add_argument("--resume", default="never", metavar="auto|never|DIR",
                        help="auto: continue from the newest complete checkpoint of the run, if any; or a checkpoint directory")
-    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment instead.
-    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     train.set_defaults(run=_run_train)
 
     export = commands.add_parser("export", help="write a run's model (or a checkpoint) as a standard Hugging Face directory")

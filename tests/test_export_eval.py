@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from seqrec.cli import main
+from seqrec.cli import main, without_launcher_rank_flag
 from seqrec.config import load_config
 from seqrec.data.prepared import PreparedDataset
 from seqrec.recommend import Recommender
@@ -129,3 +129,12 @@ def test_evaluate_on_cuda_ranks_as_on_the_cpu(wide_export, one_and_two_ranks, tm
     assert same_rank >= 0.97 * len(on_cpu)
     assert json.loads((tmp_path / "metrics.json").read_text())["metrics"]["NDCG@10"] == pytest.approx(
         json.loads((one_and_two_ranks[0] / "metrics.json").read_text())["metrics"]["NDCG@10"], abs=0.01)
+
+
+def test_the_deepspeed_launchers_rank_flag_is_dropped_wherever_it_stands(wide_export, cli, tmp_path):
+    # `deepspeed --module seqrec evaluate ...` runs `python -m seqrec --local_rank=0 evaluate ...`.
+    assert without_launcher_rank_flag(["--local_rank=3", "evaluate", "--local-rank=0", "--top-k", "5"]) == ["evaluate", "--top-k", "5"]
+    model, dataset = wide_export
+    result = cli("--local_rank=0", "evaluate", "--model", model, "--dataset", dataset, "--quiet")
+    assert result.code == 0, result.err
+    assert "popularity" in result.out
