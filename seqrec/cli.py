@@ -207,6 +207,11 @@ def _run_prepare(args: argparse.Namespace) -> None:
             result.out, counts["users"], counts["items"], counts["interactions"],
             counts["train_sequences"], len(result.meta["shards"]), result.meta["seconds"],
         )
+        if counts["evaluated_users"] == 0:
+            log.warning(
+                "%s: no user has at least %d interactions, so there is nothing to validate or test and `seqrec train` "
+                "will refuse it", result.out, result.meta["split"]["min_eval_length"],
+            )
 
 
 def progress_enabled() -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 from seqrec import distributed
 from seqrec.config import DistributedConfig
 from seqrec.data.prepared import PreparedDataset
-from seqrec.data.split import EvalSet
+from seqrec.data.split import MIN_EVAL_LENGTH, EvalSet
 from seqrec.errors import SeqrecError
 from seqrec.evaluate import popularity_baseline
 from seqrec.recommend import Recommender
@@ -68,6 +68,8 @@ def evaluate_export(
     data = PreparedDataset.open(dataset_dir)
     _check_same_items(recommender, data, model_dir, dataset_dir)
     eval_set = data.eval_set(split)
+    if len(eval_set) == 0:
+        raise SeqrecError(f"{dataset_dir}: no user with at least {MIN_EVAL_LENGTH} interactions, so the {split} split is empty")
     output = evaluate_sharded(
         recommender.seqrec_model(), eval_set, batch_size, recommender.max_len, tuple(ks), exclude_history,
         recommender.device, autocast_dtype(precision, recommender.device), top_k=top_k and min(top_k, recommender.num_items),

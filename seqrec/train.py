@@ -30,6 +30,7 @@ from seqrec import checkpoint, distributed, progress, universal
 from seqrec.atomic import atomic_file
 from seqrec.config import JobConfig
 from seqrec.data.prepared import ITEMS_FILE, PreparedDataset
+from seqrec.data.split import MIN_EVAL_LENGTH
 from seqrec.data.stream import StreamOptions, batches_per_rank, sequence_loader
 from seqrec.distributed import DistInfo
 from seqrec.ema import WeightAverage
@@ -147,6 +148,11 @@ class _Trainer:
             require_compile_toolchain(device)
         self.plan: BatchPlan = plan_batches(config, info.world_size)
         self.data = PreparedDataset.open(config.data.dataset)
+        if len(self.data.eval_set("valid")) == 0:
+            raise ConfigError(
+                f"data.dataset: {self.data.root} has no user with at least {MIN_EVAL_LENGTH} interactions, so nothing to "
+                "validate or test (leave-one-out holds out each such user's last two items); training needs some"
+            )
         self.stream_options = StreamOptions(
             config.data.max_len, config.data.shuffle_buffer, config.train.seed, config.data.pad_multiple,
             windows=config.data.long_sequences == "windows",

@@ -138,3 +138,14 @@ def test_the_deepspeed_launchers_rank_flag_is_dropped_wherever_it_stands(wide_ex
     result = cli("--local_rank=0", "evaluate", "--model", model, "--dataset", dataset, "--quiet")
     assert result.code == 0, result.err
     assert "popularity" in result.out
+
+
+def test_evaluate_refuses_an_empty_split(wide_export, cli, tmp_path):
+    """A dataset with the model's catalogue but no user of 3 or more interactions."""
+    model, dataset = wide_export
+    item_ids, _ = PreparedDataset.open(dataset).items()
+    rows = [f"{user},{item_ids[user % len(item_ids)]},{time}" for user in range(len(item_ids)) for time in range(2)]
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    assert cli("prepare", tmp_path / "log.csv", "--out", tmp_path / "short").code == 0
+    result = cli("evaluate", "--model", model, "--dataset", tmp_path / "short")
+    assert result.code == 2 and "so the test split is empty" in result.err, result.err

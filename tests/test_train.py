@@ -12,6 +12,7 @@ import torch
 
 from seqrec.cli import main
 from seqrec.config import load_config
+from seqrec.errors import ConfigError
 from seqrec.optim import lr_factor
 from seqrec.tracking import read_history
 from seqrec.train import run
@@ -68,6 +69,17 @@ def test_causal_training_takes_batches_with_nothing_to_predict(tmp_path):
     assert any(row["loss_masked"] == 0.0 for row in logged), "no batch without a target: the test lost its point"
     assert all(math.isfinite(row["loss"]) for row in logged)
     assert math.isfinite(metrics["test"]["NDCG@10"])
+
+
+def test_a_dataset_without_evaluated_users_is_refused_before_training(tmp_path, monkeypatch):
+    rows = [f"{user},{item},{time}" for user in range(50) for time, item in enumerate((user % 7 + 1, user % 5 + 1))]
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    assert main(["prepare", str(tmp_path / "log.csv"), "--out", str(tmp_path / "prepared"), "--quiet"]) == 0
+    from seqrec import train as train_module
+
+    monkeypatch.setattr(train_module, "build_model", lambda *args, **kwargs: pytest.fail("the model was built"))
+    with pytest.raises(ConfigError, match="has no user with at least 3 interactions"):
+        run(_config(tmp_path / "prepared", tmp_path / "run"))
 
 
 @pytest.mark.slow
@@ -289,7 +301,6 @@ def test_compile_without_a_cpp_compiler_is_a_config_error_before_any_setup(small
     from torch._inductor import config as inductor_config
 
     from seqrec import train as train_module
-    from seqrec.errors import ConfigError
 
     monkeypatch.setattr(train_module, "build_model", lambda *args, **kwargs: pytest.fail("the model was built"))
     with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-c++"))}):
