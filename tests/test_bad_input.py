@@ -138,3 +138,15 @@ def test_console_script_exits_non_zero_without_traceback(tmp_path):
     assert run.returncode == 2
     assert f"{source}:2: item id 'oops' is not an integer" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_closed_output_pipe_ends_quietly(tiny_dataset):
+    """`seqrec inspect ... | head`: the reader leaving is no reason for a traceback."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "seqrec", "inspect", str(tiny_dataset), "--samples", "2000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    process.stdout.close()  # before the child has written anything: every write meets a closed pipe
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 141
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr

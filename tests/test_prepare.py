@@ -6,9 +6,11 @@ import json
 import tarfile
 
 import numpy as np
+import pytest
 
 from seqrec.data.prepared import PreparedDataset
 from seqrec.data.shards import decode_sequence, user_index_of
+from seqrec.errors import ShardError
 
 LOG = "".join(f"{user} {item}\n" for user, n in ((1, 6), (2, 4), (3, 2), (4, 5)) for item in range(10 * user, 10 * user + n))
 
@@ -35,6 +37,19 @@ def test_output_layout_and_meta_counts(cli, tmp_path):
     original_ids, _ = dataset.items()
     assert original_ids[:3] == ["10", "11", "12"]
     assert dataset.user_ids() == ["1", "2", "3", "4"]
+
+
+def test_a_users_whole_history_is_found_for_evaluated_and_train_only_users(cli, tmp_path):
+    """What `seqrec recommend --user` recommends after."""
+    assert _prepare(cli, tmp_path).code == 0
+    dataset = PreparedDataset.open(tmp_path / "out")
+    assert dataset.user_history("1") == [str(item) for item in range(10, 16)]
+    assert dataset.user_history("3") == ["30", "31"]  # train-only: read from its shard
+    with pytest.raises(ShardError, match="unknown user '9'"):
+        dataset.user_history("9")
+    assert cli("prepare", tmp_path / "log.txt", "--out", tmp_path / "dropped", "--short-users", "drop").code == 0
+    with pytest.raises(ShardError, match="user '3' has no sequence here .* short_users=drop"):
+        PreparedDataset.open(tmp_path / "dropped").user_history("3")
 
 
 def test_shards_hold_every_training_sequence_under_its_user_key(cli, tmp_path):

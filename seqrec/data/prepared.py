@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from seqrec.data.shards import sample_key
 from seqrec.data.split import EvalSet
 from seqrec.data.stream import StreamOptions, sequence_dataset
 from seqrec.errors import ShardError
@@ -79,7 +80,9 @@ class PreparedDataset:
         return [row[1] for row in rows], [row[2] for row in rows]
 
     def user_history(self, original_user_id: str) -> list[str]:
-        """The whole sequence of an evaluated user, as original item ids, oldest first."""
+        """The whole sequence of a user, as original item ids, oldest first: an evaluated user's
+        test history and target, or a train-only user's training sequence (found by a pass over
+        the shards)."""
         users = self.user_ids()
         try:
             row = users.index(original_user_id)
@@ -87,11 +90,22 @@ class PreparedDataset:
             raise ShardError(f"{self.root}: unknown user {original_user_id!r} (see {USERS_FILE})") from None
         test = self.eval_set("test")
         position = np.searchsorted(test.users, row)
-        if position >= len(test) or test.users[position] != row:
-            raise ShardError(f"{self.root}: user {original_user_id!r} has fewer than 3 items and no evaluation history")
-        items = [*test.history[test.offsets[position] : test.offsets[position + 1]].tolist(), int(test.targets[position])]
+        if position < len(test) and test.users[position] == row:
+            items = [*test.history[test.offsets[position] : test.offsets[position + 1]].tolist(), int(test.targets[position])]
+        else:
+            items = self._training_sequence(row)
+            if items is None:
+                raise ShardError(f"{self.root}: user {original_user_id!r} has no sequence here (too few items, dropped by "
+                                 f"short_users={self.meta['split']['short_users']})")
         originals = self.items()[0]
         return [originals[item - 1] for item in items]
+
+    def _training_sequence(self, row: int) -> list[int] | None:
+        key = sample_key(row)
+        for sample in self.sequences(StreamOptions(max_len=10**9, shuffle_buffer=0)):
+            if sample.key == key:
+                return sample.items.tolist()
+        return None
 
     def user_ids(self) -> list[str]:
         return [row[1] for row in read_tsv(self.root / USERS_FILE, 2)]
