@@ -290,8 +290,10 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
 
 def _run_recommend(args: argparse.Namespace) -> None:
+    import contextlib
     import json
 
+    from seqrec import progress
     from seqrec.atomic import atomic_file
     from seqrec.errors import ConfigError, InputError
     from seqrec.recommend import Recommender
@@ -323,25 +325,25 @@ def _run_recommend(args: argparse.Namespace) -> None:
         raise InputError(str(args.input), f"cannot be read ({exc})") from exc
     parsed = [(number, line.split()) for number, line in enumerate(lines, start=1)]
     known = {number: recommender.to_items(raw, f"{args.input}:{number}", args.skip_unknown) for number, raw in parsed}
-    rows = []
-    for start in range(0, len(parsed), args.batch_size):
-        chunk = parsed[start : start + args.batch_size]
-        scorable = [number for number, _ in chunk if known[number]]
-        results = dict(zip(scorable, recommender.recommend([known[n] for n in scorable], args.k, exclude))) if scorable else {}
-        for number, raw in chunk:
-            row = {"line": number, "history": raw, "recommendations": [
-                {"item": r.item, "title": r.title, "score": round(r.score, 6)} for r in results.get(number, [])
-            ]}
-            if number not in results:
-                row["error"] = "no known item ids"
-            rows.append(row)
-    text = "".join(json.dumps(row) + "\n" for row in rows)
-    if args.output is None:
-        sys.stdout.write(text)
-        return
-    with atomic_file(args.output) as handle:
-        handle.write(text)
-    print(f"wrote {len(rows)} recommendation lists to {args.output}")
+    # Every id was checked above; the lists are scored and written batch by batch, so memory holds
+    # one batch of them however long the input.
+    with contextlib.nullcontext(sys.stdout) if args.output is None else atomic_file(args.output) as handle:
+        bar = progress.bar(total=len(parsed), desc="recommending", unit="history")
+        for start in range(0, len(parsed), args.batch_size):
+            chunk = parsed[start : start + args.batch_size]
+            scorable = [number for number, _ in chunk if known[number]]
+            results = dict(zip(scorable, recommender.recommend([known[n] for n in scorable], args.k, exclude))) if scorable else {}
+            for number, raw in chunk:
+                row = {"line": number, "history": raw, "recommendations": [
+                    {"item": r.item, "title": r.title, "score": round(r.score, 6)} for r in results.get(number, [])
+                ]}
+                if number not in results:
+                    row["error"] = "no known item ids"
+                handle.write(json.dumps(row) + "\n")
+            bar.update(len(chunk))
+        bar.close()
+    if args.output is not None:
+        print(f"wrote {len(parsed)} recommendation lists to {args.output}")
 
 
 def _column_names(text: str | None) -> tuple[str, ...] | None:
