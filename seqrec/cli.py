@@ -252,10 +252,9 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
     from seqrec import distributed
     from seqrec.atomic import atomic_file
-    from seqrec.data.prepared import PreparedDataset
     from seqrec.errors import ConfigError
     from seqrec.evaluate import format_table
-    from seqrec.export_eval import evaluate_export, launched_as_ranks, write_predictions
+    from seqrec.export_eval import evaluate_export, write_predictions
 
     try:
         ks = tuple(int(k) for k in args.ks.split(","))
@@ -283,10 +282,9 @@ def _run_evaluate(args: argparse.Namespace) -> None:
                 handle.write(json.dumps(row, indent=2) + "\n")
         if args.predictions is not None:
             with atomic_file(args.predictions) as handle:
-                count = write_predictions(result, PreparedDataset.open(args.dataset), handle)
-            print(f"wrote {count} top-{result.output.top_items.shape[1]} lists to {args.predictions}")
-    if launched_as_ranks():
-        distributed.finish()
+                write_predictions(result, handle)
+            print(f"wrote {result.users} top-{result.output.top_items.shape[1]} lists to {args.predictions}")
+    distributed.finish()  # waits for the other ranks, if any
 
 
 def _run_recommend(args: argparse.Namespace) -> None:

@@ -26,7 +26,7 @@ from seqrec.data.split import MIN_EVAL_LENGTH, EvalSet
 from seqrec.errors import SeqrecError
 from seqrec.evaluate import popularity_baseline
 from seqrec.recommend import Recommender
-from seqrec.runtime import autocast_dtype, resolve_device
+from seqrec.runtime import autocast_dtype
 from seqrec.sharded_eval import EvalOutput, evaluate_sharded
 
 SPLITS = ("valid", "test")
@@ -35,16 +35,23 @@ SPLITS = ("valid", "test")
 @dataclass
 class ExportEvaluation:
     split: str
-    users: int
-    model: dict[str, float]
     popularity: dict[str, float] | None  # on the main rank only
+    data: PreparedDataset
     eval_set: EvalSet
     output: EvalOutput  # each user's target rank and top-K list, on every rank
     world_size: int
     is_main: bool  # the rank that reports
 
+    @property
+    def users(self) -> int:
+        return len(self.eval_set)
 
-def launched_as_ranks() -> bool:
+    @property
+    def model(self) -> dict[str, float]:
+        return self.output.metrics
+
+
+def _launched_as_ranks() -> bool:
     """Whether `torchrun`, `deepspeed` or `srun` started this process as one of several ranks."""
     return int(distributed.launch_environment()["WORLD_SIZE"]) > 1
 
@@ -57,14 +64,14 @@ def evaluate_export(
     Launched as several ranks, this joins their process group (each rank on its own GPU)."""
     if split not in SPLITS:
         raise SeqrecError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
-    if launched_as_ranks():
-        rank_device, info = distributed.start(device, DistributedConfig().timeout_minutes, device_setting="--device")
+    is_main, world_size = True, 1
+    if _launched_as_ranks():
+        # This rank's own GPU; the Recommender resolves (and checks) the device either way.
+        device, info = distributed.start(device, DistributedConfig().timeout_minutes, device_setting="--device")
         is_main, world_size = info.is_main, info.world_size
         if not is_main:
             logging.getLogger("seqrec").setLevel(logging.WARNING)
-    else:
-        rank_device, is_main, world_size = resolve_device(device, "--device"), True, 1
-    recommender = Recommender(model_dir, rank_device)
+    recommender = Recommender(model_dir, device)
     data = PreparedDataset.open(dataset_dir)
     _check_same_items(recommender, data, model_dir, dataset_dir)
     eval_set = data.eval_set(split)
@@ -77,15 +84,15 @@ def evaluate_export(
     popularity = None
     if is_main:
         popularity = popularity_baseline(data, recommender.max_len, batch_size, tuple(ks), exclude_history, splits=(split,))[split]
-    return ExportEvaluation(split, len(eval_set), output.metrics, popularity, eval_set, output, world_size, is_main)
+    return ExportEvaluation(split, popularity, data, eval_set, output, world_size, is_main)
 
 
-def prediction_rows(evaluation: ExportEvaluation, data: PreparedDataset) -> Iterator[dict]:
+def prediction_rows(evaluation: ExportEvaluation) -> Iterator[dict]:
     """One row per evaluated user, in the split's order, in original ids: the target, its exact
     (pessimistic) rank, and the top-K items with their scores, best first. Excluded history
     items never appear; a list is shorter than K only when fewer items were left to rank."""
-    item_ids, _ = data.items()
-    user_ids = data.user_ids()
+    item_ids, _ = evaluation.data.items()
+    user_ids = evaluation.data.user_ids()
     output = evaluation.output
     ranked = (output.top_items >= 1) & (output.top_items <= len(item_ids)) & np.isfinite(output.top_scores)
     for row, (user, target, rank) in enumerate(zip(evaluation.eval_set.users, evaluation.eval_set.targets, output.ranks)):
@@ -99,12 +106,9 @@ def prediction_rows(evaluation: ExportEvaluation, data: PreparedDataset) -> Iter
         }
 
 
-def write_predictions(evaluation: ExportEvaluation, data: PreparedDataset, handle) -> int:
-    count = 0
-    for row in prediction_rows(evaluation, data):
+def write_predictions(evaluation: ExportEvaluation, handle) -> None:
+    for row in prediction_rows(evaluation):
         handle.write(json.dumps(row) + "\n")
-        count += 1
-    return count
 
 
 def _check_same_items(recommender: Recommender, data: PreparedDataset, model_dir: Path, dataset_dir: Path) -> None:

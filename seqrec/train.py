@@ -148,7 +148,7 @@ class _Trainer:
             require_compile_toolchain(device)
         self.plan: BatchPlan = plan_batches(config, info.world_size)
         self.data = PreparedDataset.open(config.data.dataset)
-        if len(self.data.eval_set("valid")) == 0:
+        if self.data.meta["counts"]["evaluated_users"] == 0:
             raise ConfigError(
                 f"data.dataset: {self.data.root} has no user with at least {MIN_EVAL_LENGTH} interactions, so nothing to "
                 "validate or test (leave-one-out holds out each such user's last two items); training needs some"
