@@ -66,6 +66,10 @@ class ModelConfig:
     pretrained: str | None = PRETRAINED_DEFAULT
     # pretrained: load the weights; random: the same architecture, freshly initialised.
     weights: str = "pretrained"
+    # A directory written by `seqrec export`: start from that trained model instead of
+    # model.pretrained, to retrain on a newer log (seqrec.warm_start). Items are matched by
+    # original id: shared items keep their trained rows, new ones follow model.item_init.
+    warm_start: str | None = None
     keep_layers: int | None = None
     max_position_embeddings: int | None = None
     item_init: str = "mean"
@@ -148,6 +152,16 @@ class ModelConfig:
         _check(self.activation_checkpointing >= 0, "model.activation_checkpointing", "must be >= 0 (0 = off, k = every k-th layer)",
                self.activation_checkpointing)
         _check(self.item_init_noise is None or self.item_init_noise >= 0, "model.item_init_noise", "must be >= 0 or null", self.item_init_noise)
+        if self.warm_start is not None:
+            _check(self.weights == "pretrained", "model.weights", "must be pretrained with model.warm_start (it loads the export's weights)",
+                   self.weights)
+            # The export's word-piece rows are not the pretrained ones: training decays them
+            # (they get no gradient) toward zero, so their title means would start items nowhere.
+            _check(self.item_init != "text", "model.item_init",
+                   "text is not available with model.warm_start (the export's word-piece rows have decayed in training); use mean or random",
+                   self.item_init)
+            _check(self.max_position_embeddings is None, "model.max_position_embeddings",
+                   "must be null with model.warm_start (the export keeps its own positions)", self.max_position_embeddings)
         _check(self.dropout is None or 0 <= self.dropout < 1, "model.dropout", "must be in [0, 1) or null", self.dropout)
         _check(self.attention_dropout is None or 0 <= self.attention_dropout < 1, "model.attention_dropout", "must be in [0, 1) or null", self.attention_dropout)
         self.scratch.validate()

@@ -12,7 +12,6 @@ which its checkpoints carry only per rank for resuming, so a checkpoint exports 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -25,7 +24,7 @@ from seqrec.atomic import atomic_directory
 from seqrec.config import load_config
 from seqrec.data.prepared import ITEMS_FILE, PreparedDataset
 from seqrec.errors import SeqrecError
-from seqrec.model import ITEMS_META_FILE, build_model
+from seqrec.model import build_model
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +51,8 @@ def export(run_dir: Path, out: Path, from_checkpoint: str | None = None, force: 
         raise SeqrecError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
     config = load_config(run_dir / "config.yaml")
     data = PreparedDataset.open(config.data.dataset)
-    titles = data.items()[1] if config.model.item_init == "text" else None
-    model, _ = build_model(config.model, data.num_items, config.data.max_len, titles)
+    original_ids, titles = data.items() if config.model.item_init == "text" or config.model.warm_start else (None, None)
+    model, _ = build_model(config.model, data.num_items, config.data.max_len, titles, original_ids=original_ids)
     state = _checkpoint_state(directory)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [key for key in missing if not key.endswith("position_ids") and "decoder" not in key]
@@ -89,10 +88,3 @@ def _ensure_items(staging: Path, run_dir: Path) -> None:
         return
     dataset = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["dataset"]
     shutil.copy2(Path(dataset) / ITEMS_FILE, staging / ITEMS_FILE)
-
-
-def read_items_meta(model_dir: Path) -> dict:
-    path = Path(model_dir) / ITEMS_META_FILE
-    if not path.is_file():
-        raise SeqrecError(f"{model_dir}: not a seqrec model (no {ITEMS_META_FILE}); export one with `seqrec export`")
-    return json.loads(path.read_text())

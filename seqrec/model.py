@@ -19,6 +19,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from seqrec.catalog_loss import catalog_cross_entropy
 from seqrec.config import PRETRAINED_DEFAULT, ModelConfig
 from seqrec.errors import ConfigError, SeqrecError
 from seqrec.runtime import attention_kernel
+
+if TYPE_CHECKING:
+    from seqrec.warm_start import ExportedItems
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +227,20 @@ class SeqRecModel(nn.Module):
         }, indent=2) + "\n")
 
 
+def read_items_meta(model_dir: Path) -> dict:
+    """The token layout and scoring settings `save_pretrained` recorded beside an export's weights."""
+    path = Path(model_dir) / ITEMS_META_FILE
+    if not path.is_file():
+        raise SeqrecError(f"{model_dir}: not a seqrec model (no {ITEMS_META_FILE}); export one with `seqrec export`")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SeqrecError(f"{path}: unreadable ({exc})") from exc
+    if not isinstance(meta, dict) or not {"num_items", "first_item_token"} <= set(meta):
+        raise SeqrecError(f"{path}: not a seqrec items file (needs num_items and first_item_token)")
+    return meta
+
+
 def identity_transform_state(mlm: BertForMaskedLM, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Weights for the (unused) MLM transform under which BERT's head passes the encoder output
     through unchanged, so a `model.item_head: direct` export stays a plain BertForMaskedLM whose
@@ -278,10 +296,12 @@ def pretrained_directory(spec: str) -> Path:
     return path
 
 
-def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[str] | None = None, device: str | torch.device = "cpu") -> tuple[SeqRecModel, dict]:
+def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[str] | None = None, device: str | torch.device = "cpu",
+                original_ids: list[str] | None = None) -> tuple[SeqRecModel, dict]:
     """The extended-vocabulary model and a report of how each new item embedding was initialised.
-    `device` is where it will run (it picks the attention kernel); the model is built on the CPU."""
-    mlm, tokenizer, loaded = _load_base(config, max_len)
+    `device` is where it will run (it picks the attention kernel); the model is built on the CPU.
+    `original_ids` (of items 1..N) match items to an export's under `model.warm_start`."""
+    mlm, tokenizer, loaded, exported = _load_base(config, max_len)
     mlm.set_attn_implementation(attention_kernel(config.attention_kernel, torch.device(device)))
     base_vocab = mlm.get_input_embeddings().weight.shape[0]
     base_embeddings = mlm.get_input_embeddings().weight.detach().clone()
@@ -298,9 +318,15 @@ def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[
     # negligible, and the sparse backward's pad filtering would sync the host.
     mlm.get_input_embeddings().sparse = torch.device(device).type == "cpu"
     vocab = ItemVocabulary(num_items, first_item_token, tokenizer.pad_token_id, tokenizer.mask_token_id)
-    report = _init_item_embeddings(mlm, tokenizer, vocab, base_embeddings[:base_vocab], config, titles)
-    with torch.no_grad():
-        mlm.cls.predictions.bias[vocab.item_rows] = 0.0
+    if exported is None:
+        report = _init_item_embeddings(mlm, tokenizer, vocab, base_embeddings[:base_vocab], config, titles)
+        with torch.no_grad():
+            mlm.cls.predictions.bias[vocab.item_rows] = 0.0
+    else:
+        from seqrec.warm_start import carry_items
+
+        report = carry_items(mlm.get_input_embeddings().weight.data[vocab.item_rows], mlm.cls.predictions.bias.data[vocab.item_rows],
+                             exported, original_ids, config, mlm.config.initializer_range)
     causal = config.attention == "causal"
     next_item = causal and config.causal_objective == "next_item"
     # A next-item model has no mask token to query: its query is the last item's own state.
@@ -314,14 +340,21 @@ def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[
     return model, report
 
 
-def _load_base(config: ModelConfig, max_len: int) -> tuple[BertForMaskedLM, object, frozenset[str]]:
-    """The base BERT, its tokenizer, and the names of the parameters loaded from a checkpoint."""
+def _load_base(config: ModelConfig, max_len: int) -> tuple[BertForMaskedLM, object, frozenset[str], ExportedItems | None]:
+    """The base BERT, its tokenizer, the names of the parameters loaded from a checkpoint, and
+    under `model.warm_start` the export's trained item rows (taken out of the BERT)."""
     overrides: dict = {"is_decoder": config.attention == "causal"}
     if config.dropout is not None:
         overrides.update(hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
     if config.attention_dropout is not None:
         overrides["attention_probs_dropout_prob"] = config.attention_dropout
-    if config.pretrained is None:
+    exported = None
+    if config.warm_start is not None:
+        from seqrec.warm_start import load_export  # it builds on this module
+
+        mlm, tokenizer, exported = load_export(config, overrides)
+        loaded = frozenset(name for name, _ in mlm.named_parameters())
+    elif config.pretrained is None:
         scratch = config.scratch
         architecture = {
             "vocab_size": len(_SPECIAL_TOKENS),
@@ -368,7 +401,7 @@ def _load_base(config: ModelConfig, max_len: int) -> tuple[BertForMaskedLM, obje
             raise ConfigError(f"model.keep_layers: {config.keep_layers} exceeds the model's {len(layers)} layers")
         mlm.bert.encoder.layer = layers[: config.keep_layers]
         mlm.config.num_hidden_layers = config.keep_layers
-    return mlm, tokenizer, loaded
+    return mlm, tokenizer, loaded, exported
 
 
 def _init_item_embeddings(mlm, tokenizer, vocab: ItemVocabulary, base: torch.Tensor, config: ModelConfig, titles) -> dict:

@@ -20,9 +20,8 @@ from transformers import AutoModelForMaskedLM
 
 from seqrec.data.prepared import ITEMS_FILE, read_tsv
 from seqrec.errors import InputError, SeqrecError
-from seqrec.export import read_items_meta
 from seqrec.masking import tail_positions
-from seqrec.model import MASK_ITEM, ItemVocabulary, SeqRecModel, _quiet_transformers, position_ids_for, scored_states
+from seqrec.model import MASK_ITEM, ItemVocabulary, SeqRecModel, _quiet_transformers, position_ids_for, read_items_meta, scored_states
 from seqrec.runtime import resolve_device
 
 log = logging.getLogger(__name__)
