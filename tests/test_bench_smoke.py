@@ -33,6 +33,14 @@ def test_the_host_overhead_benchmark_runs_and_counts_operators():
     assert all(counts["aten"] > 0 for counts in figures["operators_per_step"].values())
 
 
+def test_the_warm_start_benchmark_runs_all_three_trainings(tmp_path):
+    figures = _quick("warm_start.py", "--workdir", str(tmp_path / "work"), timeout=300)
+    assert figures["runs"]["warm"]["item_init"]["carried"] > 0 and figures["runs"]["warm"]["item_init"]["mean"] > 0
+    assert figures["runs"]["fresh"]["item_init"].get("carried") is None
+    assert all(figures["runs"][name]["test_new_item_targets"]["users"] > 0 for name in ("fresh", "warm"))
+    assert figures["warm_over_fresh_test_ndcg10"] > 0
+
+
 def test_every_benchmark_script_parses_its_command_line():
     scripts = sorted(path.name for path in (REPO / "bench").glob("*.py") if path.name != "common.py")
     assert {"efficiency.py", "quality.py", "recbole.py"} <= set(scripts)
