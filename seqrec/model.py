@@ -13,33 +13,28 @@ The model never calls torch.distributed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizerFast
-from transformers.utils import logging as hf_logging
 
 from seqrec.catalog_loss import catalog_cross_entropy
 from seqrec.config import PRETRAINED_DEFAULT, ModelConfig
 from seqrec.errors import ConfigError, SeqrecError
+from seqrec.hf_files import ITEMS_META_FILE, quiet_transformers
 from seqrec.runtime import attention_kernel
-
-if TYPE_CHECKING:
-    from seqrec.warm_start import ExportedItems
+from seqrec.warm_start import ExportedItems, carry_items, load_export
 
 log = logging.getLogger(__name__)
 
 ITEM_TOKEN_FORMAT = "[item_{}]"
 MASK_ITEM = -1
-ITEMS_META_FILE = "seqrec_items.json"
 
 
 @dataclass(frozen=True)
@@ -212,7 +207,7 @@ class SeqRecModel(nn.Module):
         if self.item_head == "direct":
             mlm_state = dict(self.mlm.state_dict() if mlm_state is None else mlm_state)
             mlm_state.update(identity_transform_state(self.mlm, mlm_state))
-        with _quiet_transformers():
+        with quiet_transformers():
             self.mlm.save_pretrained(directory, state_dict=mlm_state)
             self.tokenizer.save_pretrained(directory)
         (directory / ITEMS_META_FILE).write_text(json.dumps({
@@ -225,20 +220,6 @@ class SeqRecModel(nn.Module):
             "positions": self.positions,
             "max_len": max_len or self.max_positions,
         }, indent=2) + "\n")
-
-
-def read_items_meta(model_dir: Path) -> dict:
-    """The token layout and scoring settings `save_pretrained` recorded beside an export's weights."""
-    path = Path(model_dir) / ITEMS_META_FILE
-    if not path.is_file():
-        raise SeqrecError(f"{model_dir}: not a seqrec model (no {ITEMS_META_FILE}); export one with `seqrec export`")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SeqrecError(f"{path}: unreadable ({exc})") from exc
-    if not isinstance(meta, dict) or not {"num_items", "first_item_token"} <= set(meta):
-        raise SeqrecError(f"{path}: not a seqrec items file (needs num_items and first_item_token)")
-    return meta
 
 
 def identity_transform_state(mlm: BertForMaskedLM, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -323,8 +304,6 @@ def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[
         with torch.no_grad():
             mlm.cls.predictions.bias[vocab.item_rows] = 0.0
     else:
-        from seqrec.warm_start import carry_items
-
         report = carry_items(mlm.get_input_embeddings().weight.data[vocab.item_rows], mlm.cls.predictions.bias.data[vocab.item_rows],
                              exported, original_ids, config, mlm.config.initializer_range)
     causal = config.attention == "causal"
@@ -350,8 +329,6 @@ def _load_base(config: ModelConfig, max_len: int) -> tuple[BertForMaskedLM, obje
         overrides["attention_probs_dropout_prob"] = config.attention_dropout
     exported = None
     if config.warm_start is not None:
-        from seqrec.warm_start import load_export  # it builds on this module
-
         mlm, tokenizer, exported = load_export(config, overrides)
         loaded = frozenset(name for name, _ in mlm.named_parameters())
     elif config.pretrained is None:
@@ -371,7 +348,7 @@ def _load_base(config: ModelConfig, max_len: int) -> tuple[BertForMaskedLM, obje
         mlm, tokenizer, loaded = BertForMaskedLM(bert_config), _special_tokens_tokenizer(), frozenset()
     else:
         directory = pretrained_directory(config.pretrained)
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(directory)
             if config.weights == "pretrained":
                 mlm, info = AutoModelForMaskedLM.from_pretrained(directory, output_loading_info=True, **overrides)
@@ -459,16 +436,3 @@ def _special_tokens_tokenizer():
         vocab_file = Path(scratch) / "vocab.txt"
         vocab_file.write_text("\n".join(_SPECIAL_TOKENS) + "\n")
         return BertTokenizerFast(vocab_file=str(vocab_file))
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers prints load reports and tie warnings for the (expected) fresh MLM head."""
-    previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(previous)
-        hf_logging.enable_progress_bar()

@@ -21,7 +21,8 @@ from transformers import AutoModelForMaskedLM
 from seqrec.data.prepared import ITEMS_FILE, read_tsv
 from seqrec.errors import InputError, SeqrecError
 from seqrec.masking import tail_positions
-from seqrec.model import MASK_ITEM, ItemVocabulary, SeqRecModel, _quiet_transformers, position_ids_for, read_items_meta, scored_states
+from seqrec.hf_files import quiet_transformers, read_items_meta
+from seqrec.model import MASK_ITEM, ItemVocabulary, SeqRecModel, position_ids_for, scored_states
 from seqrec.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class Recommender:
         if not (model_dir / "model.safetensors").is_file():
             raise SeqrecError(f"{model_dir}: no model.safetensors; seqrec loads weights from safetensors only")
         self.device = resolve_device(str(device), "--device")
-        with _quiet_transformers():
+        with quiet_transformers():
             self.model = AutoModelForMaskedLM.from_pretrained(model_dir, use_safetensors=True).to(self.device).eval()
         self.causal = meta.get("attention") == "causal"
         self.autocast_dtype = autocast_dtype

@@ -28,7 +28,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM
 from seqrec.config import ModelConfig
 from seqrec.data.prepared import ITEMS_FILE, read_tsv
 from seqrec.errors import ConfigError, SeqrecError
-from seqrec.model import _quiet_transformers, read_items_meta
+from seqrec.hf_files import quiet_transformers, read_items_meta
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def load_export(config: ModelConfig, overrides: dict) -> tuple[BertForMaskedLM, 
     original_ids = [row[1] for row in _read_items(directory / ITEMS_FILE)]
     if len(original_ids) != num_items:
         raise ConfigError(f"model.warm_start: {directory / ITEMS_FILE}: {len(original_ids)} items, the model has {num_items}")
-    with _quiet_transformers():
+    with quiet_transformers():
         tokenizer = _base_tokenizer(directory, first_item_token)
         mlm = AutoModelForMaskedLM.from_pretrained(directory, use_safetensors=True, **overrides)
     if not isinstance(mlm, BertForMaskedLM):
