@@ -43,6 +43,10 @@ class DistInfo:
 
 
 _control_group = None
+# What started the process group this process joined. Joining sets RANK and WORLD_SIZE in the
+# environment, which a later run in the same process (bench/quality.py trains several) would
+# otherwise take for a launcher's.
+_launcher: str | None = None
 
 
 def launch_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -110,7 +114,7 @@ def _without_shared_memory_inference_op():
 def init(device_type: str, timeout_minutes: float) -> DistInfo:
     """Join (or create) the process group. Idempotent: the group lives until the process exits
     (DeepSpeed caches its groups, so a second group in one process would confuse it)."""
-    global _control_group
+    global _control_group, _launcher
     resolved = launch_environment()
     launcher = resolved.pop("LAUNCHER")
     for key, value in resolved.items():
@@ -130,10 +134,11 @@ def init(device_type: str, timeout_minutes: float) -> DistInfo:
                 rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
             )
         atexit.register(shutdown)
+        _launcher = _launcher or launcher  # a process is started once, so the first join tells by what
     if _control_group is None:
         _control_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     backend = dist.get_backend()
-    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), backend, launcher)
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), backend, _launcher or launcher)
     log.debug("rank %d of %d (local %d), %s, launched by %s", info.rank, info.world_size, info.local_rank, backend, launcher)
     return info
 

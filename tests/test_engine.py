@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
-from seqrec import checkpoint
+from seqrec import checkpoint, distributed
 from seqrec.config import load_config
 from seqrec.data.stream import StreamOptions, batches_per_rank, shards_for_rank, window_bounds
 from seqrec.distributed import first_slurm_host, launch_environment
@@ -104,6 +105,17 @@ def test_launch_environment_from_torchrun_srun_and_plain():
     assert srun["MASTER_PORT"] == str(20000 + 4242)
     batch_step = launch_environment({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_ID": "batch"})
     assert batch_step["WORLD_SIZE"] == "1" and batch_step["LAUNCHER"] == "single process"
+
+
+def test_a_second_run_in_one_process_still_knows_it_was_not_launched_as_ranks():
+    """Joining a world of one sets RANK and WORLD_SIZE in the environment, as launchers do;
+    the next run in the process (bench/quality.py trains several) must not read them as a launcher's."""
+    if "RANK" in os.environ and distributed._launcher is None:
+        pytest.skip("this test process was itself started by a launcher")
+    first = distributed.init("cpu", 1)
+    second = distributed.init("cpu", 1)
+    assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
+    assert first.launcher == second.launcher == "single process"
 
 
 @pytest.mark.parametrize("nodelist, first", [("gpu[003-005,009],cpu01", "gpu003"), ("node7", "node7"), ("a1,a2", "a1"), ("", "127.0.0.1")])
