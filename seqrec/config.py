@@ -155,11 +155,12 @@ class ModelConfig:
         if self.warm_start is not None:
             _check(self.weights == "pretrained", "model.weights", "must be pretrained with model.warm_start (it loads the export's weights)",
                    self.weights)
-            # The export's word-piece rows are not the pretrained ones: training decays them
-            # (they get no gradient) toward zero, so their title means would start items nowhere.
+            # Trained item rows have left the word-piece space title means live in (and weight
+            # decay scales the unused word-piece rows down), so a title mean would not start a new
+            # item near the trained items it resembles.
             _check(self.item_init != "text", "model.item_init",
-                   "text is not available with model.warm_start (the export's word-piece rows have decayed in training); use mean or random",
-                   self.item_init)
+                   "text is not available with model.warm_start (trained item rows no longer live where word-piece title means do); "
+                   "use mean or random", self.item_init)
             _check(self.max_position_embeddings is None, "model.max_position_embeddings",
                    "must be null with model.warm_start (the export keeps its own positions)", self.max_position_embeddings)
         _check(self.dropout is None or 0 <= self.dropout < 1, "model.dropout", "must be in [0, 1) or null", self.dropout)
