@@ -66,7 +66,7 @@ class ModelConfig:
     pretrained: str | None = PRETRAINED_DEFAULT
     # pretrained: load the weights; random: the same architecture, freshly initialised.
     weights: str = "pretrained"
-    # A directory written by `seqrec export`: start from that trained model instead of
+    # A directory written by `seqrec export` (or a finished run's): start from that trained model instead of
     # model.pretrained, to retrain on a newer log (seqrec.warm_start). Items are matched by
     # original id: shared items keep their trained rows, new ones follow model.item_init.
     warm_start: str | None = None
@@ -417,6 +417,11 @@ class JobConfig:
         _check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'", self.name)
         for part in (self.data, self.model, self.loss, self.optim, self.train, self.eval, self.distributed, self.tracking):
             part.validate()
+        if self.model.warm_start is not None:
+            start, run = Path(self.model.warm_start).resolve(), self.run_path.resolve()
+            _check(start != run and run not in start.parents, "model.warm_start",
+                   f"must lie outside this job's run directory {self.run_path}, which the run writes over (export it, or set run_dir)",
+                   self.model.warm_start)
         return self
 
     @property

@@ -24,6 +24,7 @@ from seqrec.atomic import atomic_directory
 from seqrec.config import load_config
 from seqrec.data.prepared import ITEMS_FILE, PreparedDataset
 from seqrec.errors import SeqrecError
+from seqrec.hf_files import RUN_MODEL_DIR
 from seqrec.model import build_model
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def export(run_dir: Path, out: Path, from_checkpoint: str | None = None, force: 
     if out.exists() and not force:
         raise SeqrecError(f"{out}: exists; pass --force to replace it")
     if from_checkpoint is None:
-        source = run_dir / "model"
+        source = run_dir / RUN_MODEL_DIR
         if not (source / "config.json").is_file():
             raise SeqrecError(f"{run_dir}: no final model (the run has not finished); export a checkpoint with --checkpoint auto")
         with atomic_directory(out, replace=force) as staging:
@@ -64,7 +65,7 @@ def export(run_dir: Path, out: Path, from_checkpoint: str | None = None, force: 
     log.info("exported %s (step %s) to %s", directory, directory.name.removeprefix("step_").lstrip("0"), out)
     if config.train.ema_decay is not None:
         log.warning("%s: the run averaged its weights (train.ema_decay=%s); this export holds the checkpoint's trained "
-                    "weights, not the average the run validates and keeps in %s", directory, config.train.ema_decay, run_dir / "model")
+                    "weights, not the average the run validates and keeps in %s", directory, config.train.ema_decay, run_dir / RUN_MODEL_DIR)
     return out
 
 

@@ -12,6 +12,7 @@ from transformers.utils import logging as hf_logging
 from seqrec.errors import SeqrecError
 
 ITEMS_META_FILE = "seqrec_items.json"
+RUN_MODEL_DIR = "model"  # a run's best model, a directory like an export's, under its run directory
 
 
 def read_items_meta(model_dir: Path) -> dict:

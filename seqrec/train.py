@@ -38,6 +38,7 @@ from seqrec.divergence import DivergenceWatch
 from seqrec.errors import ConfigError, TrainingDiverged, TrainingStopped
 from seqrec.engine import BatchPlan, TrainingEngine, plan_batches
 from seqrec.evaluate import evaluate_model, format_table, popularity_baseline
+from seqrec.hf_files import RUN_MODEL_DIR
 from seqrec.losses import LossParts, LossWeights, MaskedItemObjective
 from seqrec.model import build_model
 from seqrec.optim import planned_total_steps
@@ -554,8 +555,8 @@ class _Trainer:
                     EARLY_STOP_METRIC, test[EARLY_STOP_METRIC], popularity["test"][EARLY_STOP_METRIC],
                     not_learned_hint(self.model.mlm.config.num_hidden_layers, self._encoder_lr(), state),
                 )
-            self.model.save_pretrained(self.run_dir / "model", state_dict=weights, max_len=config.data.max_len)
-            shutil.copy2(self.data.root / ITEMS_FILE, self.run_dir / "model" / ITEMS_FILE)
+            self.model.save_pretrained(self.run_dir / RUN_MODEL_DIR, state_dict=weights, max_len=config.data.max_len)
+            shutil.copy2(self.data.root / ITEMS_FILE, self.run_dir / RUN_MODEL_DIR / ITEMS_FILE)
             metrics = {
                 "name": config.name,
                 "valid": state.best_valid,

@@ -129,6 +129,8 @@ def test_unusable_exports_and_settings_are_clear_errors(tmp_path):
     (tmp_path / "seqrec_items.json").write_text("{not json")
     with pytest.raises(ConfigError, match="seqrec_items.json: unreadable"):
         _warm(tmp_path, OLD_IDS)
+    with pytest.raises(ConfigError, match="model.warm_start: must lie outside this job's run directory"):
+        load_config(None, [f"model.warm_start={tmp_path / 'run' / 'model'}", f"run_dir={tmp_path / 'run'}"])
     for setting, message in (("model.item_init=text", "model.item_init: text is not available"),
                              ("model.weights=random", "model.weights: must be pretrained")):
         with pytest.raises(ConfigError, match=message):
@@ -151,18 +153,18 @@ def _split_log(source, old_path, new_path):
 
 
 def test_retraining_on_a_newer_log_from_an_export(tmp_path):
-    """The whole path from the command line: train on last period's log, export, prepare the new
-    log (its own item numbering), train from the export, export that run from its checkpoint,
-    and evaluate it."""
+    """The whole path from the command line: train on last period's log, prepare the new log (its
+    own item numbering), train from the first run, export that run from its checkpoint, and
+    evaluate it."""
     assert main(["synth", "--preset", "tiny", "--items", "150", "--out", str(tmp_path / "log.csv"), "--quiet"]) == 0
     _split_log(tmp_path / "log.csv", tmp_path / "old.csv", tmp_path / "new.csv")
     for name in ("old", "new"):
         assert main(["prepare", str(tmp_path / f"{name}.csv"), "--out", str(tmp_path / name), "--quiet"]) == 0
     base = [str(REPO / "configs" / "tiny.yaml"), "--set", "tracking.wandb=disabled", "--set", "train.epochs=2"]
     assert main(["train", "--config", *base, "--set", f"data.dataset={tmp_path / 'old'}", "--set", f"run_dir={tmp_path / 'run-old'}"]) == 0
-    assert main(["export", str(tmp_path / "run-old"), str(tmp_path / "export-old"), "--quiet"]) == 0
+    # A finished run's directory serves as well as its export: its model/ is one.
     assert main(["train", "--config", *base, "--set", f"data.dataset={tmp_path / 'new'}", "--set", f"run_dir={tmp_path / 'run-new'}",
-                 "--set", f"model.warm_start={tmp_path / 'export-old'}"]) == 0
+                 "--set", f"model.warm_start={tmp_path / 'run-old'}"]) == 0
 
     report = json.loads((tmp_path / "run-new" / "item_init.json").read_text())
     old_ids = [line.split("\t")[1] for line in (tmp_path / "old" / "items.tsv").read_text().splitlines()[1:]]
