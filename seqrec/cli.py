@@ -135,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_run_export)
 
     recommend = commands.add_parser("recommend", help="top-K items for item histories, from an exported model")
-    recommend.add_argument("--model", type=Path, required=True, help="directory written by `seqrec export` (or a run's model/)")
+    recommend.add_argument("--model", type=Path, required=True, help="directory written by `seqrec export`, or a finished run's directory (its model/)")
     source = recommend.add_mutually_exclusive_group(required=True)
     source.add_argument("--history", help="original item ids, oldest first, separated by spaces")
     source.add_argument("--input", type=Path, help="one history per line (original ids separated by spaces)")
@@ -150,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     recommend.set_defaults(run=_run_recommend)
 
     evaluate = commands.add_parser("evaluate", help="an exported model's metrics on a prepared dataset, beside popularity")
-    evaluate.add_argument("--model", type=Path, required=True, help="directory written by `seqrec export` (or a run's model/)")
+    evaluate.add_argument("--model", type=Path, required=True, help="directory written by `seqrec export`, or a finished run's directory (its model/)")
     evaluate.add_argument("--dataset", type=Path, required=True, help="the prepared dataset (the model's item catalogue)")
     evaluate.add_argument("--split", choices=("valid", "test"), default="test")
     evaluate.add_argument("--ks", default="1,5,10,20", help="cut-offs of HR@K and NDCG@K, comma-separated (default 1,5,10,20)")

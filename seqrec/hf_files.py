@@ -15,6 +15,15 @@ ITEMS_META_FILE = "seqrec_items.json"
 RUN_MODEL_DIR = "model"  # a run's best model, a directory like an export's, under its run directory
 
 
+def model_directory(path: Path) -> Path:
+    """A seqrec model directory given as itself (an export, a run's model/) or as a finished run's
+    directory, which keeps its best model in model/."""
+    path = Path(path)
+    if not (path / ITEMS_META_FILE).is_file() and (path / RUN_MODEL_DIR / ITEMS_META_FILE).is_file():
+        return path / RUN_MODEL_DIR
+    return path
+
+
 def read_items_meta(model_dir: Path) -> dict:
     """The token layout and scoring settings `SeqRecModel.save_pretrained` recorded beside an export's weights."""
     path = Path(model_dir) / ITEMS_META_FILE

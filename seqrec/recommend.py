@@ -21,7 +21,7 @@ from transformers import AutoModelForMaskedLM
 from seqrec.data.prepared import ITEMS_FILE, read_tsv
 from seqrec.errors import InputError, SeqrecError
 from seqrec.masking import tail_positions
-from seqrec.hf_files import quiet_transformers, read_items_meta
+from seqrec.hf_files import model_directory, quiet_transformers, read_items_meta
 from seqrec.model import MASK_ITEM, ItemVocabulary, SeqRecModel, position_ids_for, scored_states
 from seqrec.runtime import resolve_device
 
@@ -37,7 +37,7 @@ class Recommendation:
 
 class Recommender:
     def __init__(self, model_dir: Path, device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None):
-        model_dir = Path(model_dir)
+        model_dir = model_directory(model_dir)
         meta = read_items_meta(model_dir)
         if not (model_dir / "model.safetensors").is_file():
             raise SeqrecError(f"{model_dir}: no model.safetensors; seqrec loads weights from safetensors only")

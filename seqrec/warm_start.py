@@ -28,7 +28,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM
 from seqrec.config import ModelConfig
 from seqrec.data.prepared import ITEMS_FILE, read_tsv
 from seqrec.errors import ConfigError, SeqrecError
-from seqrec.hf_files import ITEMS_META_FILE, RUN_MODEL_DIR, quiet_transformers, read_items_meta
+from seqrec.hf_files import model_directory, quiet_transformers, read_items_meta
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ def load_export(config: ModelConfig, overrides: dict) -> tuple[BertForMaskedLM, 
     directory = Path(config.warm_start)
     if not directory.is_dir():
         raise ConfigError(f"model.warm_start: {directory}: no such directory (a `seqrec export` output or a finished run)")
-    if not (directory / ITEMS_META_FILE).is_file() and (directory / RUN_MODEL_DIR / ITEMS_META_FILE).is_file():
-        directory = directory / RUN_MODEL_DIR  # a finished run keeps its model there, as an export holds it
+    directory = model_directory(directory)
     try:
         meta = read_items_meta(directory)
     except SeqrecError as exc:

@@ -181,3 +181,9 @@ def test_retraining_on_a_newer_log_from_an_export(tmp_path):
     assert main(["evaluate", "--model", str(tmp_path / "export-new"), "--dataset", str(tmp_path / "new"), "--split", "test",
                  "--output", str(out), "--quiet"]) == 0
     assert json.loads(out.read_text())
+
+    # `evaluate` (and `recommend`) take a finished run's directory as well.
+    assert main(["evaluate", "--model", str(tmp_path / "run-old"), "--dataset", str(tmp_path / "old"), "--split", "test",
+                 "--output", str(out), "--quiet"]) == 0
+    trained = json.loads((tmp_path / "run-old" / "metrics.json").read_text())["test"]
+    assert json.loads(out.read_text())["metrics"]["NDCG@10"] == pytest.approx(trained["NDCG@10"], abs=1e-9)
