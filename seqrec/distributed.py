@@ -139,7 +139,7 @@ def init(device_type: str, timeout_minutes: float) -> DistInfo:
         _control_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     backend = dist.get_backend()
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), backend, _launcher or launcher)
-    log.debug("rank %d of %d (local %d), %s, launched by %s", info.rank, info.world_size, info.local_rank, backend, launcher)
+    log.debug("rank %d of %d (local %d), %s, launched by %s", info.rank, info.world_size, info.local_rank, backend, info.launcher)
     return info
 
 

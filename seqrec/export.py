@@ -52,7 +52,7 @@ def export(run_dir: Path, out: Path, from_checkpoint: str | None = None, force: 
         raise SeqrecError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
     config = load_config(run_dir / "config.yaml")
     data = PreparedDataset.open(config.data.dataset)
-    original_ids, titles = data.items() if config.model.item_init == "text" or config.model.warm_start else (None, None)
+    original_ids, titles = data.items()
     model, _ = build_model(config.model, data.num_items, config.data.max_len, titles, original_ids=original_ids)
     state = _checkpoint_state(directory)
     missing, unexpected = model.load_state_dict(state, strict=False)

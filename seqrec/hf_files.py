@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
+from seqrec.data.prepared import ITEMS_FILE, read_tsv
 from seqrec.errors import SeqrecError
 
 ITEMS_META_FILE = "seqrec_items.json"
@@ -35,7 +36,34 @@ def read_items_meta(model_dir: Path) -> dict:
         raise SeqrecError(f"{path}: unreadable ({exc})") from exc
     if not isinstance(meta, dict) or not {"num_items", "first_item_token"} <= set(meta):
         raise SeqrecError(f"{path}: not a seqrec items file (needs num_items and first_item_token)")
+    # Exports from before these settings were written: causal ones were all next-item models, and
+    # every one scored through the MLM transform, with positions from the start.
+    meta.setdefault("attention", "bidirectional")
+    meta.setdefault("query", "last_item" if meta["attention"] == "causal" else "mask")
+    meta.setdefault("head", "transform")
+    meta.setdefault("positions", "from_start")
     return meta
+
+
+def open_model_directory(path: Path) -> tuple[Path, dict]:
+    """A seqrec model directory (see `model_directory`) and its items meta. Weights are loaded
+    from safetensors only, so a directory without them is refused here."""
+    directory = model_directory(path)
+    meta = read_items_meta(directory)
+    if not (directory / "model.safetensors").is_file():
+        raise SeqrecError(f"{directory}: no model.safetensors; seqrec loads weights from safetensors only")
+    return directory, meta
+
+
+def read_model_items(model_dir: Path, num_items: int) -> tuple[list[str], list[str]]:
+    """Original id and title of the model's items 1..N, from the items.tsv beside its weights."""
+    path = Path(model_dir) / ITEMS_FILE
+    if not path.is_file():
+        raise SeqrecError(f"{path}: missing; export the model with `seqrec export`")
+    rows = read_tsv(path, 3)
+    if len(rows) != num_items:
+        raise SeqrecError(f"{path}: {len(rows)} items, the model has {num_items}")
+    return [row[1] for row in rows], [row[2] for row in rows]
 
 
 @contextlib.contextmanager

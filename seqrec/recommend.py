@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForMaskedLM
 
-from seqrec.data.prepared import ITEMS_FILE, read_tsv
-from seqrec.errors import InputError, SeqrecError
+from seqrec.errors import InputError
+from seqrec.hf_files import open_model_directory, quiet_transformers, read_model_items
 from seqrec.masking import tail_positions
-from seqrec.hf_files import model_directory, quiet_transformers, read_items_meta
 from seqrec.model import MASK_ITEM, ItemVocabulary, SeqRecModel, position_ids_for, scored_states
 from seqrec.runtime import resolve_device
 
@@ -37,28 +36,22 @@ class Recommendation:
 
 class Recommender:
     def __init__(self, model_dir: Path, device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None):
-        model_dir = model_directory(model_dir)
-        meta = read_items_meta(model_dir)
-        if not (model_dir / "model.safetensors").is_file():
-            raise SeqrecError(f"{model_dir}: no model.safetensors; seqrec loads weights from safetensors only")
+        model_dir, meta = open_model_directory(model_dir)
         self.device = resolve_device(str(device), "--device")
         with quiet_transformers():
             self.model = AutoModelForMaskedLM.from_pretrained(model_dir, use_safetensors=True).to(self.device).eval()
-        self.causal = meta.get("attention") == "causal"
+        self.causal = meta["attention"] == "causal"
         self.autocast_dtype = autocast_dtype
         self.first_token = int(meta["first_item_token"])
         self.num_items = int(meta["num_items"])
-        # Exports from before `query` was written: causal ones were all next-item models.
-        query = meta.get("query", "last_item" if meta.get("attention") == "causal" else "mask")
-        self.next_item = query == "last_item"
-        self.add_previous = query == "mask_and_previous"
-        # Exports from before `head` was written all went through the MLM transform.
-        self.direct_head = meta.get("head", "transform") == "direct"
-        self.position_scheme = meta.get("positions", "from_start")
+        self.next_item = meta["query"] == "last_item"
+        self.add_previous = meta["query"] == "mask_and_previous"
+        self.direct_head = meta["head"] == "direct"
+        self.position_scheme = meta["positions"]
         self.max_len = min(int(meta.get("max_len") or self.model.config.max_position_embeddings), self.model.config.max_position_embeddings)
         self.tokenizer = _tokenizer(model_dir)
         self.mask_token = int(self.tokenizer.mask_token_id)
-        self.original_ids, self.titles = _read_items(model_dir / ITEMS_FILE, self.num_items)
+        self.original_ids, self.titles = read_model_items(model_dir, self.num_items)
         self.index = {original: item for item, original in enumerate(self.original_ids, start=1)}
 
     def seqrec_model(self) -> SeqRecModel:
@@ -118,15 +111,6 @@ class Recommender:
              for score, item in zip(values.tolist(), items.tolist()) if score != float("-inf")]
             for values, items in zip(top.values, top.indices)
         ]
-
-
-def _read_items(path: Path, num_items: int) -> tuple[list[str], list[str]]:
-    if not path.is_file():
-        raise SeqrecError(f"{path}: missing; export the model with `seqrec export`")
-    rows = read_tsv(path, 3)
-    if len(rows) != num_items:
-        raise SeqrecError(f"{path}: {len(rows)} items, the model has {num_items}")
-    return [row[1] for row in rows], [row[2] for row in rows]
 
 
 def _tokenizer(model_dir: Path):

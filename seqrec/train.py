@@ -184,7 +184,7 @@ class _Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         torch.manual_seed(config.train.seed)
-        original_ids, titles = self.data.items() if config.model.item_init == "text" or config.model.warm_start else (None, None)
+        original_ids, titles = self.data.items()
         model, self.init_report = build_model(config.model, self.data.num_items, config.data.max_len, titles, self.device, original_ids)
         model.to(self.device)
         if info.is_main:

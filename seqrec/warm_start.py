@@ -26,9 +26,9 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM
 
 from seqrec.config import ModelConfig
-from seqrec.data.prepared import ITEMS_FILE, read_tsv
+from seqrec.data.prepared import ITEMS_FILE
 from seqrec.errors import ConfigError, SeqrecError
-from seqrec.hf_files import model_directory, quiet_transformers, read_items_meta
+from seqrec.hf_files import open_model_directory, quiet_transformers, read_model_items
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +51,13 @@ def load_export(config: ModelConfig, overrides: dict) -> tuple[BertForMaskedLM, 
     directory = Path(config.warm_start)
     if not directory.is_dir():
         raise ConfigError(f"model.warm_start: {directory}: no such directory (a `seqrec export` output or a finished run)")
-    directory = model_directory(directory)
     try:
-        meta = read_items_meta(directory)
+        directory, meta = open_model_directory(directory)
+        num_items, first_item_token = int(meta["num_items"]), int(meta["first_item_token"])
+        original_ids, _ = read_model_items(directory, num_items)
     except SeqrecError as exc:
         raise ConfigError(f"model.warm_start: {exc}") from exc
     _check_settings(config, meta, directory)
-    num_items, first_item_token = int(meta["num_items"]), int(meta["first_item_token"])
-    if not (directory / "model.safetensors").is_file():
-        raise ConfigError(f"model.warm_start: {directory}: no model.safetensors (seqrec loads weights from safetensors only)")
-    original_ids = [row[1] for row in _read_items(directory / ITEMS_FILE)]
-    if len(original_ids) != num_items:
-        raise ConfigError(f"model.warm_start: {directory / ITEMS_FILE}: {len(original_ids)} items, the model has {num_items}")
     with quiet_transformers():
         tokenizer = _base_tokenizer(directory, first_item_token)
         mlm = AutoModelForMaskedLM.from_pretrained(directory, use_safetensors=True, **overrides)
@@ -125,13 +120,9 @@ def carry_items(table: torch.Tensor, bias: torch.Tensor, exported: ExportedItems
 
 
 def _check_settings(config: ModelConfig, meta: dict, directory: Path) -> None:
-    exported = {
-        "model.attention": meta.get("attention", "bidirectional"),
-        "model.item_head": meta.get("head", "transform"),
-        "model.positions": meta.get("positions", "from_start"),
-    }
+    exported = {"model.attention": meta["attention"], "model.item_head": meta["head"], "model.positions": meta["positions"]}
     wanted = {"model.attention": config.attention, "model.item_head": config.item_head, "model.positions": config.positions}
-    query = meta.get("query", "last_item" if exported["model.attention"] == "causal" else "mask")
+    query = meta["query"]
     next_item = config.attention == "causal" and config.causal_objective == "next_item"
     if exported["model.attention"] == "causal" and config.attention == "causal":
         exported["model.causal_objective"] = "next_item" if query == "last_item" else "masked"
@@ -141,15 +132,6 @@ def _check_settings(config: ModelConfig, meta: dict, directory: Path) -> None:
     for name, value in exported.items():
         if wanted[name] != value:
             raise ConfigError(f"{name}: {directory} was trained with {value}, got {wanted[name]}; model.warm_start needs the export's setting")
-
-
-def _read_items(path: Path) -> list[list[str]]:
-    if not path.is_file():
-        raise ConfigError(f"model.warm_start: {path}: missing (an export made by `seqrec export` has it)")
-    try:
-        return read_tsv(path, 3)
-    except SeqrecError as exc:
-        raise ConfigError(f"model.warm_start: {exc}") from exc
 
 
 def _base_tokenizer(directory: Path, first_item_token: int):
