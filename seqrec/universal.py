@@ -227,12 +227,20 @@ def _restore_group_settings(engine, saved_groups: list[dict]) -> None:
     """Each parameter group's own settings and step counter. DeepSpeed's ZeRO-3 loader copies the
     first group's settings to every group, which would decay biases and LayerNorm weights, and
     gives every group one shared step tensor, which the fused AdamW then advances once per group
-    each step, so its bias correction runs ahead (seen: losses apart from the second step on)."""
+    each step, so its bias correction runs ahead (seen: losses apart from the second step on).
+    The loader also leaves each step on the CPU, where the fused (and capturable) kernels want it
+    on their parameter's device, as torch's own `load_state_dict` puts it (seen on an H200: "state_steps
+    is on cpu, different from other tensors on cuda:0" at the first step after resuming)."""
     for group, settings in zip(engine.optimizer.param_groups, saved_groups):
         group.update(settings)
-    for state in engine.optimizer.optimizer.state.values():
+    # Every state, not only those of the parameters in param_groups: ZeRO-3 swaps each sub-group's
+    # partition into its group just for that sub-group's step.
+    inner = engine.optimizer.optimizer
+    kernel_reads_device = any(group.get("fused") or group.get("capturable") for group in inner.param_groups)
+    for parameter, state in inner.state.items():
         if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
+            device = parameter.device if kernel_reads_device else torch.device("cpu")
+            state["step"] = state["step"].to(device=device, dtype=torch.float32, copy=True)
 
 
 def _load_partitioned(engine, folder: Path, saved_groups: list[dict]) -> None:

@@ -171,7 +171,8 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(tiny_dataset, tmp_p
 # both Adam moments, every group's step and settings, and the schedule all carried over.
 @pytest.mark.parametrize("written_stage, resumed_stage", [(2, 3), (3, 0)])
 def test_a_checkpoint_resumes_under_another_zero_stage_exactly(tiny_dataset, tmp_path, written_stage, resumed_stage):
-    overrides = ("train.max_steps=8", "train.checkpoint_every=4", "train.keep_checkpoints=5", "train.log_every=1")
+    overrides = ("train.max_steps=8", "train.checkpoint_every=4", "train.keep_checkpoints=5", "train.log_every=1",
+                 "train.precision=fp32")
     first = torchrun(2, *train_args(tiny_dataset, tmp_path / "first", *overrides, f"distributed.zero_stage={written_stage}"))
     assert first.returncode == 0, first.stderr[-3000:]
     saved = tmp_path / "first" / "checkpoints" / "step_00000004"

@@ -118,6 +118,16 @@ def test_a_second_run_in_one_process_still_knows_it_was_not_launched_as_ranks():
     assert first.launcher == second.launcher == "single process"
 
 
+def test_a_rank_without_a_gpu_of_its_own_is_refused_before_joining(monkeypatch):
+    """Two ranks launched on a one-GPU node: local rank 1 has no cuda:1 (seen on an H200)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed, "init", lambda *args: pytest.fail("joined the group"))
+    with pytest.raises(ConfigError, match=r"--device: this process is local rank 1, but the node has 1 CUDA device\(s\): launch at most 1"):
+        distributed.start("auto", 1, "--device")
+
+
 @pytest.mark.parametrize("nodelist, first", [("gpu[003-005,009],cpu01", "gpu003"), ("node7", "node7"), ("a1,a2", "a1"), ("", "127.0.0.1")])
 def test_first_slurm_host(nodelist, first, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the fallback parser

@@ -64,3 +64,28 @@ def test_a_zero0_checkpoint_of_another_model_is_refused(tmp_path):
     assert torch.equal(saved, optimizer.state[weight]["exp_avg"])
     assert float(torch.load(tmp_path / "out" / "zero" / "weight" / "step.pt", weights_only=False)) == 1.0
     assert (tmp_path / "out" / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
+
+
+def test_after_a_partitioned_load_each_step_lives_where_its_kernel_reads_it():
+    """DeepSpeed's universal loader leaves steps on the CPU and shares one among parameters; fused
+    AdamW on a GPU refuses a CPU step, and a shared one is advanced once per parameter. The meta
+    device stands in for the GPU. ZeRO-3 keeps only the sub-group being stepped in param_groups,
+    so the other partitions' states count too."""
+    from types import SimpleNamespace
+
+    stepped, other_sub_group = torch.empty(4, device="meta"), torch.empty(4, device="meta")
+    shared = torch.tensor(7.0)
+    inner = SimpleNamespace(param_groups=[{"params": [stepped], "fused": True, "weight_decay": 1.0}],
+                            state={stepped: {"step": shared}, other_sub_group: {"step": shared}})
+    engine = SimpleNamespace(optimizer=SimpleNamespace(param_groups=inner.param_groups, optimizer=inner))
+    universal._restore_group_settings(engine, [{"weight_decay": 0.5}])
+    steps = [inner.state[parameter]["step"] for parameter in (stepped, other_sub_group)]
+    assert [step.device.type for step in steps] == ["meta", "meta"]
+    assert steps[0] is not steps[1] and shared.device.type == "cpu"
+    assert inner.param_groups[0]["weight_decay"] == 0.5
+
+    on_cpu = torch.zeros(4)
+    unfused = SimpleNamespace(param_groups=[{"params": [on_cpu], "fused": None}], state={on_cpu: {"step": shared}})
+    universal._restore_group_settings(SimpleNamespace(optimizer=SimpleNamespace(param_groups=unfused.param_groups, optimizer=unfused)), [{}])
+    step = unfused.state[on_cpu]["step"]
+    assert step.device.type == "cpu" and step is not shared and step.dtype == torch.float32 and float(step) == 7.0
