@@ -10,13 +10,14 @@
 # The efficiency benchmark times steps, so it runs alone after them, in whatever time is left (it
 # writes its headline first and each further setting after, so a cut-short run keeps what it
 # measured). Unpacks bench/gpu_kit.sh's kit first where the tree carries one.
-# Environment: QUALITY_MINUTES (5), LOGS (logs/gpu), PYTHON (python3).
+# Environment: QUALITY_MINUTES (5), LOGS (logs/gpu), PYTHON (python3), GPU_SH (bench/gpu.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${1:?usage: bench/gpu_lease.sh BUDGET_S OUT_DIR}
 out=${2:?usage: bench/gpu_lease.sh BUDGET_S OUT_DIR}
 started=$SECONDS
 export LOGS=${LOGS:-logs/gpu} PYTHON=${PYTHON:-python3} QUALITY_MINUTES=${QUALITY_MINUTES:-5}
+GPU_SH=${GPU_SH:-bench/gpu.sh}
 mkdir -p "$LOGS" "$out"
 if [ -d "${KIT:-.gpu}" ]; then
     # shellcheck source=bench/gpu_kit.sh
@@ -31,9 +32,9 @@ pack_results() {
 }
 trap pack_results EXIT
 
-OMP_NUM_THREADS=2 bench/gpu.sh cuda-tests deepspeed >"$LOGS/checks.txt" 2>&1 &
+OMP_NUM_THREADS=2 "$GPU_SH" cuda-tests deepspeed >"$LOGS/checks.txt" 2>&1 &
 checks=$!
-bench/gpu.sh quality >"$LOGS/quality.txt" 2>&1
+"$GPU_SH" quality >"$LOGS/quality.txt" 2>&1
 echo "quality: exit $? after $((SECONDS - started)) s"; grep -E '^(ml-1m|beauty)' "$LOGS/quality.txt"
 wait "$checks"
 echo "checks: exit $? after $((SECONDS - started)) s"; grep -E '^== .*: exit|passed|failed' "$LOGS/checks.txt"

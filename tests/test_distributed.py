@@ -33,9 +33,16 @@ def _env() -> dict[str, str]:
     return env
 
 
+def cpu_ranks_env() -> dict[str, str]:
+    """For the multi-process tests, which are gloo runs on the CPU: a GPU machine would otherwise
+    put the ranks on its GPUs, and one with fewer GPUs than ranks refuses them. Its CUDA paths
+    have their own tests (`-k cuda`), one process per GPU."""
+    return {**_env(), "CUDA_VISIBLE_DEVICES": ""}
+
+
 def torchrun(nproc: int, *args, timeout: float = 300, extra_env: dict[str, str] | None = None, **popen) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
-    env = {**_env(), **(extra_env or {})}
+    env = {**cpu_ranks_env(), **(extra_env or {})}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **popen)
 
 
@@ -106,7 +113,7 @@ def test_kill_nine_then_resume_reaches_the_uninterrupted_result(tiny_dataset, tm
 
     run_dir = tmp_path / "killed"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, train_args(tiny_dataset, run_dir, *overrides))]
-    process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(command, cwd=REPO, env=cpu_ranks_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = run_dir / "checkpoints" / "step_00000008" / "COMPLETE"
     deadline = time.monotonic() + 240
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -244,7 +251,7 @@ def test_a_crashing_rank_ends_the_job_with_an_error(tiny_dataset, tmp_path):
 
 def test_deepspeed_launcher_runs_the_same_entry_point_and_zero3_exports(tiny_dataset, tmp_path):
     command = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", *map(str, train_args(tiny_dataset, tmp_path / "run", "train.max_steps=4", "distributed.zero_stage=3"))]
-    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO, env=cpu_ranks_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["zero_stage"] == 3 and metrics["steps"] == 4

@@ -3,6 +3,7 @@ when any run fails. A stand-in interpreter records what each run was asked to do
 orchestration is tested here, without a GPU; the runs themselves are bench/quality.py's."""
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -58,3 +59,61 @@ def test_quality_step_fails_when_one_run_fails(tmp_path):
     assert "beauty-seed-2: failed" in result.stdout
     assert "beauty-seed-1: seqrec 0.1 0.2" in result.stdout
     assert "gpu.sh: 1 step(s) failed" in result.stdout
+
+
+LEASE_GPU_SH = """#!/usr/bin/env bash
+step=$1
+date +%s.%N > "$MARKS/$step.start"
+echo "== $step: running"
+# The checks outlast the quality step here, so a lease that did not wait for them would show.
+[ "$step" = quality ] && sleep 1 || sleep 4
+date +%s.%N > "$MARKS/$step.end"
+echo "== $step: exit 0"
+[ "$step" = quality ] && [ -n "$FAIL_QUALITY" ] && exit 1
+exit 0
+"""
+
+LEASE_PYTHON = """#!/usr/bin/env bash
+[ "$1" = "-c" ] && { echo "torch stand-in"; exit 0; }
+date +%s.%N > "$MARKS/efficiency.start"
+echo "efficiency args: $*"
+"""
+
+
+def run_lease(tmp_path: Path, budget: int, fail_quality: str = "") -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """bench/gpu_lease.sh with gpu.sh and the interpreter stood in for: what runs beside what,
+    and what comes back, without a GPU."""
+    gpu_sh, python, marks, out, logs = (tmp_path / name for name in ("gpu.sh", "python", "marks", "out", "logs"))
+    for path, text in ((gpu_sh, LEASE_GPU_SH), (python, LEASE_PYTHON)):
+        path.write_text(text)
+        path.chmod(0o755)
+    marks.mkdir()
+    env = {**os.environ, "GPU_SH": str(gpu_sh), "PYTHON": str(python), "LOGS": str(logs), "MARKS": str(marks),
+           "FAIL_QUALITY": fail_quality, "KIT": str(tmp_path / "no-kit")}
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_lease.sh"), str(budget), str(out)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    return result, marks, out
+
+
+def _packed(out: Path) -> set[str]:
+    listing = subprocess.run(["tar", "tzf", str(out / "gpu-results.tgz")], capture_output=True, text=True, check=True).stdout
+    return {Path(line).name for line in listing.splitlines()}
+
+
+def test_lease_runs_the_checks_beside_quality_then_efficiency_alone_and_packs_the_logs(tmp_path):
+    result, marks, out = run_lease(tmp_path, budget=200)
+    assert result.returncode == 0, result.stdout + result.stderr
+    mark = {path.name: float(path.read_text()) for path in marks.iterdir()}
+    assert mark["quality.start"] < mark["cuda-tests.end"] and mark["cuda-tests.start"] < mark["quality.end"], "not side by side"
+    assert mark["efficiency.start"] > max(mark["quality.end"], mark["cuda-tests.end"]), "efficiency shared the GPU"
+    limit = re.search(r"efficiency: exit 0 after \d+ s \(limit (\d+) s\)", result.stdout)
+    assert limit and 150 <= int(limit.group(1)) <= 175, result.stdout  # 200 s less the few spent and a 25 s margin
+    assert {"checks.txt", "quality.txt", "efficiency.log", "efficiency.json"} <= _packed(out)
+    assert "gpu_lease: packed after" in result.stdout
+
+
+def test_lease_skips_efficiency_without_the_time_and_still_packs_after_a_failed_step(tmp_path):
+    result, marks, out = run_lease(tmp_path, budget=30, fail_quality="yes")
+    assert "quality: exit 1" in result.stdout
+    assert "efficiency: skipped" in result.stdout and not (marks / "efficiency.start").exists()
+    assert {"checks.txt", "quality.txt"} <= _packed(out)

@@ -100,7 +100,8 @@ JobAcctGatherType=jobacct_gather/none
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """)
-    env = dict(os.environ, SLURM_CONF=str(conf))
+    # A CPU cluster of one node: its jobs' ranks are gloo ranks, even where this machine has a GPU.
+    env = dict(os.environ, SLURM_CONF=str(conf), CUDA_VISIBLE_DEVICES="")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     pid_files = [root / "munged.pid", root / "slurmctld.pid", root / "slurmd.pid"]

@@ -24,7 +24,7 @@ from seqrec.stop_signals import STOPPED_EXIT_CODE, StopSignals
 from seqrec.tracking import read_history, read_offline_history
 from seqrec.train import run
 from tests.conftest import REPO, logged_steps
-from tests.test_distributed import _env, losses_by_step, train_args
+from tests.test_distributed import _env, cpu_ranks_env, losses_by_step, train_args
 
 OVERRIDES = ("train.epochs=4", "train.log_every=1", "train.patience=100")
 
@@ -212,12 +212,12 @@ def test_one_signalled_rank_stops_both_at_the_same_step_and_the_resume_matches(t
     overrides = (*OVERRIDES, "train.epochs=6", "data.num_workers=1")
     reference = tmp_path / "reference"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run([*command, *map(str, train_args(tiny_dataset, reference, *overrides))], cwd=REPO, env=_env(),
+    done = subprocess.run([*command, *map(str, train_args(tiny_dataset, reference, *overrides))], cwd=REPO, env=cpu_ranks_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
     run_dir = tmp_path / "stopped"
-    process = subprocess.Popen([*command, *map(str, train_args(tiny_dataset, run_dir, *overrides))], cwd=REPO, env=_env(),
+    process = subprocess.Popen([*command, *map(str, train_args(tiny_dataset, run_dir, *overrides))], cwd=REPO, env=cpu_ranks_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         rank_1 = _rank_pid(process, 1)
@@ -239,7 +239,7 @@ def test_one_signalled_rank_stops_both_at_the_same_step_and_the_resume_matches(t
     assert (saved / "COMPLETE").is_file() and {path.name for path in saved.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
 
     resumed = subprocess.run([*command, *map(str, train_args(tiny_dataset, run_dir, *overrides)), "--resume", "auto"], cwd=REPO,
-                             env=_env(), capture_output=True, text=True, timeout=300)
+                             env=cpu_ranks_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_run(run_dir, reference)
 
