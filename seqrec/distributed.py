@@ -149,8 +149,8 @@ def start(requested_device: str, timeout_minutes: float, device_setting: str = "
     device (so bare `.cuda()` calls and NCCL land on it)."""
     device = resolve_device(requested_device, device_setting)
     if device.type == "cuda":
-        # Checked before joining: NCCL's own refusal names no setting, and the ranks that could
-        # join would wait for this one until the timeout.
+        # Checked before joining: torch's own refusal ("device_id cuda:1 is out of range") names
+        # neither the setting nor the way out.
         local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
         if local_rank >= visible:
             raise ConfigError(
