@@ -411,7 +411,7 @@ def write_profile(step, batches, device, title: str) -> None:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
-    with profile(activities=activities) as profiler:
+    with profile(activities=activities, record_shapes=True) as profiler:
         for batch in batches:
             step(batch)
         synchronize(device)
@@ -427,6 +427,10 @@ def write_profile(step, batches, device, title: str) -> None:
     if device.type == "cuda":
         sections += ["## by self device time", averages.table(sort_by="self_device_time_total", row_limit=30), ""]
     sections += ["## by self host time", averages.table(sort_by="self_cpu_time_total", row_limit=30), ""]
+    # The same operator can be a few large calls or many small ones (a weight cast, say): by shape.
+    by_shape = profiler.key_averages(group_by_input_shape=True)
+    sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sections += ["## by input shapes", by_shape.table(sort_by=sort_key, row_limit=25, max_name_column_width=30, max_shapes_column_width=70), ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"profile_{device.type}.txt").write_text("\n".join(sections))
 

@@ -122,8 +122,11 @@ def _exclude(scores: torch.Tensor, excluded: torch.Tensor, labels: torch.Tensor,
     label_columns = labels.unsqueeze(1)
     label_scores = scores.gather(1, label_columns)
     columns = torch.where(excluded >= 0, excluded, label_columns)
-    scores.scatter_(1, columns, value)
-    scores.scatter_(1, label_columns, label_scores)
+    rows = torch.arange(scores.shape[0], device=scores.device).unsqueeze(1)
+    # Indexed writes (index_put_), not scatter_: on the CPU, scatter_ along dim 1 passes over the
+    # whole M x N matrix (~110 ms at 1,567 x 54,542 in bf16 on an AMX Xeon, against 0.5 ms).
+    scores[rows.expand_as(columns), columns] = value
+    scores[rows, label_columns] = label_scores
 
 
 def _left_out(scores: torch.Tensor, excluded: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,7 +55,8 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Ten
     rows = torch.arange(scores.shape[0], device=scores.device)
     if history is not None:
         excluded = torch.zeros(scores.shape[0], scores.shape[1] + 1, dtype=torch.bool, device=scores.device)
-        excluded.scatter_(1, history.clamp(min=0), True)
+        # An indexed write: scatter_ along dim 1 passes over the whole matrix on the CPU.
+        excluded[rows.unsqueeze(1).expand_as(history), history.clamp(min=0)] = True
         excluded = excluded[:, 1:]
         excluded[rows, targets - 1] = False
         scores = scores.masked_fill(excluded, float("-inf"))
