@@ -47,13 +47,15 @@ def synchronize(device) -> None:
 def code_version() -> str:
     """The seqrec commit measured: $SEQREC_CODE_VERSION where set (an exported snapshot, or a
     copy whose .git is not the code's: a copied working tree can carry a stale one), else
-    `git rev-parse` of this checkout (+dirty with uncommitted changes)."""
+    `git rev-parse` of this checkout (+dirty with uncommitted changes outside bench/results)."""
     if os.environ.get("SEQREC_CODE_VERSION"):
         return os.environ["SEQREC_CODE_VERSION"]
     repo = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout.strip()
+        # Not bench/results: a benchmark that publishes more than once has written there itself.
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results"],
+                               capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
