@@ -53,7 +53,8 @@ def code_version() -> str:
     repo = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        # Not bench/results: a benchmark that publishes more than once has written there itself.
+        # Not bench/results: a benchmark may write there before it records this (efficiency.py
+        # --profile writes profile_<device>.txt first).
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results"],
                                capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("+dirty" if dirty else "")
