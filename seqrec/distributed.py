@@ -112,12 +112,24 @@ def _without_shared_memory_inference_op():
         deepspeed_torch_backend.build_shm_op = builder
 
 
-def init(device_type: str, timeout_minutes: float) -> DistInfo:
+def init(device_type: str, timeout_minutes: float, device_setting: str = "train.device") -> DistInfo:
     """Join (or create) the process group. Idempotent: the group lives until the process exits
-    (DeepSpeed caches its groups, so a second group in one process would confuse it)."""
+    (DeepSpeed caches its groups, so a second group in one process would confuse it). On CUDA,
+    a process whose local rank has no GPU of its own is refused before joining, with an error
+    naming `device_setting`."""
     global _control_group, _launcher
     resolved = launch_environment()
     launcher = resolved.pop("LAUNCHER")
+    if device_type == "cuda":
+        # From the resolved launch (srun's SLURM_LOCALID too): torch's own refusal ("device_id
+        # cuda:1 is out of range") names neither the setting nor the way out.
+        local_rank, visible = int(resolved["LOCAL_RANK"]), torch.cuda.device_count()
+        if local_rank >= visible:
+            raise ConfigError(
+                f"{device_setting}: this process is local rank {local_rank}, but the node has {visible} CUDA device(s): "
+                f"launch at most {visible} process(es) per node (--nproc_per_node / --num_gpus / --ntasks-per-node), "
+                f"or set {device_setting}=cpu"
+            )
     for key, value in resolved.items():
         os.environ.setdefault(key, value)
     backend = "nccl" if device_type == "cuda" else "gloo"
@@ -148,16 +160,7 @@ def start(requested_device: str, timeout_minutes: float, device_setting: str = "
     """Resolve the device, join the process group, and pin this rank's GPU as the current CUDA
     device (so bare `.cuda()` calls and NCCL land on it)."""
     device = resolve_device(requested_device, device_setting)
-    if device.type == "cuda":
-        # Checked before joining: torch's own refusal ("device_id cuda:1 is out of range") names
-        # neither the setting nor the way out.
-        local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
-        if local_rank >= visible:
-            raise ConfigError(
-                f"{device_setting}: this process is local rank {local_rank}, but the node has {visible} CUDA device(s): "
-                f"launch at most {visible} process(es) per node (--nproc_per_node / --num_gpus), or set {device_setting}=cpu"
-            )
-    info = init(device.type, timeout_minutes)
+    info = init(device.type, timeout_minutes, device_setting)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)

@@ -118,12 +118,18 @@ def test_a_second_run_in_one_process_still_knows_it_was_not_launched_as_ranks():
     assert first.launcher == second.launcher == "single process"
 
 
-def test_a_rank_without_a_gpu_of_its_own_is_refused_before_joining(monkeypatch):
-    """Two ranks launched on a one-GPU node: local rank 1 has no cuda:1 (seen on an H200)."""
+@pytest.mark.parametrize("launch", [{"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"},
+                                    {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "1"}])
+def test_a_rank_without_a_gpu_of_its_own_is_refused_before_joining(monkeypatch, launch):
+    """Two ranks launched on a one-GPU node: local rank 1 has no cuda:1 (seen on an H200), under
+    torchrun/deepspeed and under srun, whose local rank only SLURM_LOCALID gives before joining."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_ID", "SLURM_LOCALID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in launch.items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(distributed, "init", lambda *args: pytest.fail("joined the group"))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: pytest.fail("went on to join the group"))
     with pytest.raises(ConfigError, match=r"--device: this process is local rank 1, but the node has 1 CUDA device\(s\): launch at most 1"):
         distributed.start("auto", 1, "--device")
 
