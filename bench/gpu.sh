@@ -19,7 +19,7 @@
 #                  model.activation_checkpointing 0, 1 and 2: all 6 layers, batch 256 x length 200)
 #   quality        six bench/quality.py runs side by side on the one GPU (the eager step is bound by
 #                  the host launching kernels, so one run leaves the GPU mostly idle), each capped at
-#                  QUALITY_MINUTES: Beauty's CPU bench command (first MiniLM layer, its mask 0.4 and
+#                  QUALITY_MINUTES: Beauty's CPU bench command (first 2 MiniLM layers, mask 0.4 and
 #                  weight decay 2.5, 40 epochs) at seeds 0-3, so the GPU repeats the CPU's seeds 0-3
 #                  at the same recipe; Beauty with all 6 layers over the same 40 epochs; ML-1M with all
 #                  6 layers at the product defaults. A run the cap reaches re-plans its decay to end
