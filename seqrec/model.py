@@ -13,6 +13,7 @@ The model never calls torch.distributed.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -312,11 +313,37 @@ def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[
     model = SeqRecModel(mlm, tokenizer, vocab, causal=causal, positions=config.positions, loaded=loaded,
                         next_item=next_item, item_head=config.item_head, query="mask" if next_item else config.query)
     if config.activation_checkpointing:
-        # Non-reentrant: it recomputes inside the layer's forward, so the hooks of its submodules
-        # (ZeRO-3 gathers weights in them) fire again for the recompute, and it needs no input
-        # that requires grad.
-        mlm.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=config.activation_checkpointing)
+        checkpoint_layers(mlm, config.activation_checkpointing)
     return model, report
+
+
+def checkpoint_layers(mlm: BertForMaskedLM, every: int) -> None:
+    """Recompute every `every`-th encoder layer (the 1st, the (every+1)-th, ...) in the backward
+    pass instead of keeping its activations.
+
+    Through the per-layer switch that transformers' `GradientCheckpointingLayer` documents, not
+    its model-level call, whose name moved: transformers 5.25 calls it
+    `activation_checkpointing_enable`, while 5.17 (an H200 image's) has only
+    `gradient_checkpointing_enable`. The switch is the same in both, and BERT's layers have had
+    it since 4.53. Non-reentrant: it recomputes inside the layer's call, so the hooks of its
+    submodules (ZeRO-3 gathers weights in them) fire again for the recompute, and it needs no
+    input that requires grad."""
+    from torch.utils.checkpoint import checkpoint
+
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        GradientCheckpointingLayer = None
+    layers = mlm.bert.encoder.layer
+    if GradientCheckpointingLayer is None or not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
+        import transformers
+
+        raise ConfigError(f"model.activation_checkpointing: needs transformers >= 4.53, whose BERT layers can each be "
+                          f"recomputed; this is transformers {transformers.__version__}")
+    recompute = functools.partial(checkpoint, use_reentrant=False)
+    for index, layer in enumerate(layers):
+        layer._gradient_checkpointing_func = recompute
+        layer.gradient_checkpointing = index % every == 0
 
 
 def _load_base(config: ModelConfig, max_len: int) -> tuple[BertForMaskedLM, object, frozenset[str], ExportedItems | None]:

@@ -132,6 +132,18 @@ def test_activation_checkpointing_recomputes_layers_and_trains_the_same(every, r
     assert all(torch.equal(gradients[name], checkpointed[name]) for name in gradients)
 
 
+def test_activation_checkpointing_without_per_layer_recompute_is_a_clear_error(monkeypatch):
+    """transformers before 4.53 checkpoints BERT's layers all or none, from the encoder."""
+    import transformers.modeling_layers
+
+    class UnrelatedLayer(torch.nn.Module):
+        pass
+
+    monkeypatch.setattr(transformers.modeling_layers, "GradientCheckpointingLayer", UnrelatedLayer)
+    with pytest.raises(ConfigError, match=r"model.activation_checkpointing: needs transformers >= 4.53.*this is transformers \d"):
+        _tiny(activation_checkpointing=1)
+
+
 def test_activation_checkpointing_is_checked_at_load():
     from seqrec.config import load_config
 
