@@ -37,10 +37,10 @@ def test_quality_step_runs_the_six_runs_side_by_side(tmp_path):
     result, logs, marks = run_quality_step(tmp_path, fail_on="no run has this")
     assert result.returncode == 0, result.stdout + result.stderr
     beauty = "--dataset beauty --recipes default --epochs 40 --minutes 0.5 --set train.patience=8 --set train.eval_every=2"
+    ml1m = "--dataset ml-1m --keep-layers 6 --recipes default --minutes 0.5 --set train.epochs=1000 --set train.patience=10"
     expected = {
-        "ml-1m-6-layers": "--dataset ml-1m --keep-layers 6 --recipes default --minutes 0.5",
-        "beauty-6-layers": f"{beauty} --keep-layers 6 --label gpu-6-layers-40-epochs",
-        **{f"beauty-seed-{seed}": f"{beauty} --set train.seed={seed} --label gpu-seed-{seed}-40-epochs" for seed in range(4)},
+        **{f"ml-1m-6-layers-seed-{seed}": f"{ml1m} --set train.seed={seed} --label gpu-6-layers-seed-{seed}-0.5-min" for seed in range(3)},
+        **{f"beauty-seed-{seed}": f"{beauty} --set train.seed={seed} --label gpu-seed-{seed}-40-epochs" for seed in range(3)},
     }
     for name, arguments in expected.items():
         log = (logs / f"quality-{name}.log").read_text()
@@ -54,10 +54,11 @@ def test_quality_step_runs_the_six_runs_side_by_side(tmp_path):
 
 
 def test_quality_step_fails_when_one_run_fails(tmp_path):
-    result, _, _ = run_quality_step(tmp_path, fail_on="--set train.seed=2")
+    result, _, _ = run_quality_step(tmp_path, fail_on="--label gpu-seed-2-40-epochs")
     assert result.returncode == 1
     assert "beauty-seed-2: failed" in result.stdout
     assert "beauty-seed-1: seqrec 0.1 0.2" in result.stdout
+    assert "ml-1m-6-layers-seed-2: seqrec 0.1 0.2" in result.stdout
     assert "gpu.sh: 1 step(s) failed" in result.stdout
 
 
