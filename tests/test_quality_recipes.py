@@ -94,7 +94,7 @@ def _without_paths(config) -> dict:
 
 @pytest.mark.parametrize("config_file, command", [
     ("beauty.yaml", "--dataset beauty --epochs 40 --recipes default --set train.patience=8 --set train.eval_every=2"),
-    ("ml-1m.yaml", "--dataset ml-1m --epochs 20 --recipes default --set model.compile=true --set train.eval_every=2 --set train.patience=10"),
+    ("ml-1m.yaml", "--dataset ml-1m --epochs 30 --recipes default --set model.compile=true --set train.eval_every=2 --set train.patience=10"),
 ])
 def test_a_dataset_config_is_the_benchmarks_measured_recipe(quality, config_file, command):
     """configs/<dataset>.yaml hands users the recipe behind the benchmark's figure for that
