@@ -139,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", required=True, help="beauty, ml-1m, or a prepared dataset directory")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget per trained recipe")
-    parser.add_argument("--keep-layers", type=int, help="encoder layers kept (6 = the full MiniLM; default: 2)")
+    parser.add_argument("--keep-layers", type=int, default=2, help="encoder layers kept (6 = the full MiniLM)")
     parser.add_argument("--batch-size", type=int, help="default: 512 for beauty, 64 for ml-1m, else 256")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, help="linear warm-up; keep it well below the steps a budget allows (default: 100 for beauty and ml-1m, else 200)")
@@ -150,7 +150,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     known_dataset = DATASETS.get(args.dataset, {})
     args.batch_size = args.batch_size or known_dataset.get("batch_size", 256)
-    args.keep_layers = args.keep_layers or 2
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else known_dataset.get("warmup_steps", 200)
     args.max_len = args.max_len or known_dataset.get("max_len", DEFAULT_MAX_LEN)
     known = {*recipes(args.keep_layers), "popularity"}

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizerFast
 
 from seqrec.catalog_loss import catalog_cross_entropy
@@ -328,8 +329,6 @@ def checkpoint_layers(mlm: BertForMaskedLM, every: int) -> None:
     it since 4.53. Non-reentrant: it recomputes inside the layer's call, so the hooks of its
     submodules (ZeRO-3 gathers weights in them) fire again for the recompute, and it needs no
     input that requires grad."""
-    from torch.utils.checkpoint import checkpoint
-
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:
