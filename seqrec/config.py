@@ -118,8 +118,9 @@ class ModelConfig:
     # minutes, weight decay 1.0) from_end gave 0.0162 against 0.0205, and the SASRec+ replica
     # (random init) 0.0264 either way.
     positions: str = "from_start"
-    # auto: eager on CPU (PyTorch's CPU flash kernel is ~5x slower in bf16 at these head sizes),
-    # sdpa on GPUs.
+    # eager (transformers'), sdpa, or seqrec (seqrec/attention.py: eager attention whose
+    # length x length scores stay in the autocast dtype instead of fp32). auto: sdpa on GPUs,
+    # seqrec on CPUs (PyTorch's CPU flash kernel is slower in bf16 at these head sizes).
     attention_kernel: str = "auto"
     # torch.compile each encoder layer (dynamic shapes): fuses the elementwise passes between the
     # matmuls. The first steps pay the compilation (tens of seconds on 2 CPU cores, cached on
@@ -147,7 +148,7 @@ class ModelConfig:
         _choice(self.item_head, "model.item_head", ("transform", "direct"))
         _choice(self.query, "model.query", ("mask", "mask_and_previous"))
         _choice(self.positions, "model.positions", ("from_start", "from_end"))
-        _choice(self.attention_kernel, "model.attention_kernel", ("auto", "eager", "sdpa"))
+        _choice(self.attention_kernel, "model.attention_kernel", ("auto", "eager", "sdpa", "seqrec"))
         _check(self.keep_layers is None or self.keep_layers >= 1, "model.keep_layers", "must be >= 1 or null", self.keep_layers)
         _check(self.activation_checkpointing >= 0, "model.activation_checkpointing", "must be >= 0 (0 = off, k = every k-th layer)",
                self.activation_checkpointing)

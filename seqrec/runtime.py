@@ -65,10 +65,19 @@ def require_compile_toolchain(device: torch.device) -> None:
 
 
 def attention_kernel(requested: str, device: torch.device) -> str:
-    """transformers' attention implementation for `model.attention_kernel` on this device."""
-    if requested != "auto":
-        return requested
-    return "sdpa" if device.type == "cuda" else "eager"
+    """transformers' attention implementation for `model.attention_kernel` on this device:
+    auto is sdpa on GPUs and seqrec's own eager attention elsewhere (transformers' where this
+    transformers cannot register it)."""
+    from seqrec import attention
+
+    if requested == "auto":
+        if device.type == "cuda":
+            return "sdpa"
+        return attention.NAME if attention.register() else "eager"
+    if requested == attention.NAME and not attention.register():
+        raise ConfigError(f"model.attention_kernel: {attention.NAME!r} needs transformers 5 or later (BERT's attention registry); "
+                          "use eager or sdpa")
+    return requested
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
