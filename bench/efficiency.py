@@ -15,7 +15,8 @@ hardware runs it natively, else fp32; every figure below in that precision):
                            run, as shared CPUs swing; model FLOPs: encoder matmuls + attention + head on the scored
                            rows, x3 for forward + backward, over the padded batch). Other settings
                            (--mfu-settings) beside it: batch, layers, model.compile, and ML-1M batches
-                           (200-item sequences: encoder-bound, unlike Beauty's head-bound ~10-item ones).
+                           (200-item sequences: encoder-bound, unlike Beauty's head-bound ~10-item ones),
+                           one of them on transformers' eager attention against seqrec's own (CPU default).
   eval_users_per_s_ratio   the item-sharded evaluator (1 process) over a naive dense evaluator (the
                            model's head over the whole vocabulary at every position, a Python loop for
                            the mask position, a full sort per user), full-catalogue ranking of
@@ -105,8 +106,21 @@ def timed(function, batches, device, warmup: int = 2) -> float:
     return (time.perf_counter() - started) / max(1, len(batches) - warmup)
 
 
+MFU_SETTING_FLAGS = "cde"
+
+
+def parse_mfu_setting(spec: str) -> tuple[str, int, int, str]:
+    """`[DATASET:]BATCHxLAYERS[flags]` (see --mfu-settings) as (dataset, batch, layers, flags)."""
+    name, _, shape = spec.rpartition(":")
+    flags = shape[len(shape.rstrip(MFU_SETTING_FLAGS)):]
+    parts = shape[:len(shape) - len(flags)].split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts) or len(set(flags)) != len(flags):
+        raise SystemExit(f"--mfu-settings: {spec!r} is not [DATASET:]BATCHxLAYERS[{']['.join(MFU_SETTING_FLAGS)}]")
+    return name or "beauty", int(parts[0]), int(parts[1]), flags
+
+
 DEFAULT_MFU_SETTINGS = {
-    "cpu": ["256x2d", "256x2c", "1024x2", "256x6", "1024x6", "1024x6c", "ml-1m:64x2", "ml-1m:64x2c", "ml-1m:64x6c"],
+    "cpu": ["256x2d", "256x2c", "1024x2", "256x6", "1024x6", "1024x6c", "ml-1m:64x2", "ml-1m:64x2e", "ml-1m:64x2c", "ml-1m:64x6c"],
     "cuda": ["64x6", "1024x6", "ml-1m:64x6", "ml-1m:256x6", "ml-1m:256x6c"],
 }
 GPU_DEFAULTS = {"keep_layers": 6, "batch": 256, "steps": 20}
@@ -123,9 +137,10 @@ def main() -> None:
     parser.add_argument("--eval-users", type=int, default=2048)
     parser.add_argument("--naive-eval-users", type=int, default=256)
     parser.add_argument("--mfu-settings", nargs="*", default=None,
-                        help="extra [DATASET:]BATCHxLAYERS[c][d] settings whose MFU is reported beside the main one "
+                        help="extra [DATASET:]BATCHxLAYERS[c][d][e] settings whose MFU is reported beside the main one "
                              "(DATASET: beauty (default) or ml-1m, whose 200-item sequences make the encoder dominate; c: model.compile; "
-                             "d: the word-embedding lookup's gradient dense, as before the sparse CPU lookup). "
+                             "d: the word-embedding lookup's gradient dense, as before the sparse CPU lookup; "
+                             "e: transformers' eager attention, as on CPUs before seqrec's own). "
                              f"Default on cpu: {' '.join(DEFAULT_MFU_SETTINGS['cpu'])}; on cuda: {' '.join(DEFAULT_MFU_SETTINGS['cuda'])}; none with --quick")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds of seqrec's step and the naive one (vs_naive_ratio: the median of per-round ratios)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 256 users, 1 round; figures not kept")
@@ -140,6 +155,8 @@ def main() -> None:
         args.steps, args.eval_users, args.naive_eval_users, args.rounds = 3, 256, 64, 1
     if args.mfu_settings is None:
         args.mfu_settings = [] if args.quick else DEFAULT_MFU_SETTINGS[args.device]
+    for spec in args.mfu_settings:  # a typo fails now, not after the headline's minutes
+        parse_mfu_setting(spec)
 
     import numpy as np
     import torch
@@ -194,10 +211,11 @@ def main() -> None:
         return [(items.to(device), torch.rand(items.shape, generator=generator).to(device)) for items in batches]
 
     def seqrec_step_figures(batch_size: int, keep_layers: int, compile_encoder: bool = False, name: str = "beauty", profile: bool = False,
-                            dense_lookup_gradient: bool = False) -> dict:
+                            dense_lookup_gradient: bool = False, attention_kernel: str = "auto") -> dict:
         """The product's training step (DeepSpeed engine, `amp`): seconds and model FLOPs."""
         source, length_cap = dataset(name)
-        setting = load_config(None, [*overrides(length_cap), f"model.keep_layers={keep_layers}", f"train.batch_size={batch_size}"])
+        setting = load_config(None, [*overrides(length_cap), f"model.keep_layers={keep_layers}", f"train.batch_size={batch_size}",
+                                     f"model.attention_kernel={attention_kernel}"])
         pairs = step_batches(source, length_cap, batch_size)
         torch.manual_seed(0)
         model, _ = build_model(setting.model, source.num_items, length_cap, device=device)
@@ -384,15 +402,13 @@ def main() -> None:
 
     publish()
     for spec in args.mfu_settings:
-        name, _, shape = spec.rpartition(":")
-        name = name or "beauty"
-        dense_lookup = shape.endswith("d")
-        shape = shape.removesuffix("d")
-        compile_encoder = shape.endswith("c")
-        batch_size, keep_layers = (int(part) for part in shape.removesuffix("c").split("x"))
-        figures = seqrec_step_figures(batch_size, keep_layers, compile_encoder, name, dense_lookup_gradient=dense_lookup)
+        name, batch_size, keep_layers, flags = parse_mfu_setting(spec)
+        dense_lookup, compile_encoder, transformers_attention = "d" in flags, "c" in flags, "e" in flags
+        figures = seqrec_step_figures(batch_size, keep_layers, compile_encoder, name, dense_lookup_gradient=dense_lookup,
+                                      attention_kernel="eager" if transformers_attention else "auto")
         label = (("" if name == "beauty" else f"{name}, ") + f"batch {batch_size}, {keep_layers} layers"
-                 + (", model.compile" if compile_encoder else "") + (", dense lookup gradient" if dense_lookup else ""))
+                 + (", model.compile" if compile_encoder else "") + (", dense lookup gradient" if dense_lookup else "")
+                 + (", transformers' eager attention" if transformers_attention else ""))
         peak_samples.append(matmul_peak(peak_dtype, device))
         results["details"]["mfu_other_settings"][label] = {
             "mfu": None,  # set by publish()

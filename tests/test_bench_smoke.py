@@ -4,10 +4,13 @@ the package and the other benchmarks' helpers they import, and report every head
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO, data_dir, require_data
 
@@ -25,6 +28,20 @@ def test_the_efficiency_benchmark_runs_and_reports_its_headline_ratios():
     figures = _quick("efficiency.py", "--batch", "16", "--keep-layers", "1", timeout=600)
     for key in ("vs_naive_ratio", "mfu_cpu", "eval_users_per_s_ratio", "reader_over_step_ratio"):
         assert figures[key] > 0, (key, figures[key])
+
+
+def test_efficiency_settings_parse_with_their_flags_and_reject_typos():
+    spec = importlib.util.spec_from_file_location("bench_efficiency", REPO / "bench" / "efficiency.py")
+    efficiency = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(efficiency)
+    assert efficiency.parse_mfu_setting("256x2") == ("beauty", 256, 2, "")
+    assert efficiency.parse_mfu_setting("ml-1m:64x2e") == ("ml-1m", 64, 2, "e")
+    assert efficiency.parse_mfu_setting("1024x6cd") == ("beauty", 1024, 6, "cd")
+    for typo in ("64x", "64x2x3", "64x2q", "64x2cc", "ax2", "0x2"):
+        with pytest.raises(SystemExit, match="--mfu-settings"):
+            efficiency.parse_mfu_setting(typo)
+    for setting in (setting for settings in efficiency.DEFAULT_MFU_SETTINGS.values() for setting in settings):
+        efficiency.parse_mfu_setting(setting)
 
 
 def test_the_host_overhead_benchmark_runs_and_counts_operators():
