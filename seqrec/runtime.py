@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from seqrec import attention
 from seqrec.errors import ConfigError
 
 
@@ -68,8 +69,6 @@ def attention_kernel(requested: str, device: torch.device) -> str:
     """transformers' attention implementation for `model.attention_kernel` on this device:
     auto is sdpa on GPUs and seqrec's own eager attention elsewhere (transformers' where this
     transformers cannot register it)."""
-    from seqrec import attention
-
     if requested == "auto":
         if device.type == "cuda":
             return "sdpa"
