@@ -325,8 +325,7 @@ class TrainConfig:
     checkpoint_every_minutes: float | None = None
     keep_checkpoints: int = 2
     # CPU training: malloc keeps freed memory for reuse (see runtime.keep_freed_host_memory);
-    # faster steps; the heap's free pages go back to the kernel every few dozen steps
-    # (runtime.trim_host_memory), as batch-to-batch sizes fragment it.
+    # faster steps, but the process holds its peak memory until it exits.
     keep_host_memory: bool = True
     # Validate, keep and export an exponential moving average of the weights (decay per optimiser
     # step, e.g. 0.998 averages over ~500 steps) instead of the last step's; null = off. Costs one

@@ -82,20 +82,6 @@ def attention_kernel(requested: str, device: torch.device) -> str:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
-def _glibc():
-    """The C library when it is glibc (whose malloc these tunings are for), else None."""
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
 def keep_freed_host_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
 
@@ -103,35 +89,18 @@ def keep_freed_host_memory() -> bool:
     mmap threshold, so by default each step maps fresh pages and the kernel zero-fills them on
     first touch: on the efficiency benchmark that made a 54k-item scoring matmul 3x slower than
     the same matmul into a reused buffer. Served from the heap and never trimmed, the memory is
-    reused step after step, as the CUDA caching allocator does on a GPU. The heap fragments as
-    buffer sizes change from batch to batch; `trim_host_memory` hands its free pages back.
-    Returns False where the C library is not glibc (nothing changed)."""
+    reused step after step, as the CUDA caching allocator does on a GPU. The process keeps its
+    peak resident size. Returns False where the C library is not glibc (nothing changed)."""
     import ctypes
+    import ctypes.util
+    import platform
 
-    libc = _glibc()
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def trim_host_memory() -> bool:
-    """Hand the free pages inside malloc's heap back to the kernel (glibc's malloc_trim).
-
-    With freed memory kept (`keep_freed_host_memory`), a request is served from the heap only
-    where a free block fits it, and a step's large buffers change size with every batch (the
-    number of scored rows), so the heap fragments and the process grows step after step:
-    Beauty at batch 512 went from 3.7 to 6.0 GB resident over 200 steps, against a steady
-    2.5 GB with malloc's defaults, and two such trainings side by side outgrew 24 GB. Trimming
-    keeps the heap's layout and releases only pages no block holds; the next step faults in
-    those it touches again. Returns False where the C library is not glibc."""
-    import ctypes
-
-    libc = _glibc()
-    malloc_trim = getattr(libc, "malloc_trim", None)
-    if malloc_trim is None:
-        return False
-    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-    malloc_trim(0)
-    return True

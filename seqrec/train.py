@@ -42,7 +42,7 @@ from seqrec.hf_files import RUN_MODEL_DIR
 from seqrec.losses import LossParts, LossWeights, MaskedItemObjective
 from seqrec.model import build_model
 from seqrec.optim import planned_total_steps
-from seqrec.runtime import autocast_dtype, keep_freed_host_memory, require_compile_toolchain, trim_host_memory
+from seqrec.runtime import autocast_dtype, keep_freed_host_memory, require_compile_toolchain
 from seqrec.stop_signals import StopSignals, held_back
 from seqrec.tracking import Tracker
 from seqrec.universal import PARAMETERS
@@ -132,24 +132,16 @@ def run(config: JobConfig, resume: str | None = None) -> TrainResult:
     """Train (or resume) one job on this process's rank; joins the process group the launcher made."""
     with StopSignals(config.train.stop_signals) as stop:
         device, info = distributed.start(config.train.device, config.distributed.timeout_minutes)
-        host_memory_kept = device.type != "cuda" and config.train.keep_host_memory and keep_freed_host_memory()
-        if device.type != "cuda" and config.train.keep_host_memory and not host_memory_kept:
+        if device.type != "cuda" and config.train.keep_host_memory and not keep_freed_host_memory():
             log.info("train.keep_host_memory: not glibc; freed host memory is returned to the system as usual")
         if not info.is_main:
             logging.getLogger("seqrec").setLevel(logging.WARNING)
-        return _Trainer(config, info, device, stop, host_memory_kept).run(resume)
-
-
-# With freed host memory kept, its free pages go back to the kernel every this many optimiser
-# steps (runtime.trim_host_memory): ~150 ms a trim on Beauty at batch 512 (2-core Xeon), against
-# 40 steps of ~1 s, and the same 200-step time with or without trims.
-HOST_TRIM_EVERY_STEPS = 40
+        return _Trainer(config, info, device, stop).run(resume)
 
 
 class _Trainer:
-    def __init__(self, config: JobConfig, info: DistInfo, device: torch.device, stop: StopSignals, host_memory_kept: bool = False):
+    def __init__(self, config: JobConfig, info: DistInfo, device: torch.device, stop: StopSignals):
         self.config, self.info, self.device, self.stop = config, info, device, stop
-        self.host_memory_kept = host_memory_kept
         self.run_dir = config.run_path
         self.checkpoints = self.run_dir / "checkpoints"
         self.amp = autocast_dtype(config.train.precision, device)
@@ -413,8 +405,6 @@ class _Trainer:
                 window_started, window_sequences, window_tokens = time.perf_counter(), 0, 0
             if config.train.checkpoint_every and state.step % config.train.checkpoint_every == 0 and state.step < self.total_steps:
                 self._checkpoint(state)
-            if self.host_memory_kept and state.step % HOST_TRIM_EVERY_STEPS == 0:
-                trim_host_memory()
         return EpochEnd()
 
     def _step(self, micro_batches) -> LossParts:

@@ -47,29 +47,6 @@ def test_freed_large_tensors_are_reused_without_page_faults():
     assert kept < pages_per_step // 100, (default, kept)  # reused: the heap stopped growing
 
 
-_TRIM_CHILD = """
-from seqrec.runtime import keep_freed_host_memory, trim_host_memory
-import torch
-assert keep_freed_host_memory()
-def resident_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-kept = torch.empty(8 * 2**20)  # allocated after the big one: the freed block is not the heap's top
-big = torch.empty(64 * 2**20).fill_(1.0)
-kept = torch.empty(2**20).fill_(1.0)
-del big
-before = resident_mb()
-assert trim_host_memory()
-print(before - resident_mb())
-"""
-
-
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
-def test_trimming_hands_the_kept_heaps_free_pages_back():
-    done = subprocess.run([sys.executable, "-c", _TRIM_CHILD], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert float(done.stdout.split()[-1]) > 200, done.stdout  # most of the freed 256 MB
-
-
 def test_importing_seqrec_bounds_the_onednn_primitive_cache_unless_the_user_set_it():
     probe = "import os, seqrec; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
     environment = {key: value for key, value in os.environ.items() if key != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}

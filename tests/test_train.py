@@ -472,17 +472,3 @@ def test_checkpoints_follow_the_clock_when_a_period_in_minutes_is_set(tiny_datas
     saved = sorted(int(path.name.removeprefix("step_")) for path in (run_dir / "checkpoints").iterdir())
     # A minute is 3 steps here: saved before the 4th, 7th, ... step (across epoch ends), and at the end.
     assert total > 9 and saved == [*range(3, total, 3), total]
-
-
-@pytest.mark.parametrize("keep", [True, False])
-def test_kept_host_memory_is_trimmed_every_few_steps_and_only_when_kept(small_dataset, tmp_path, monkeypatch, keep):
-    import seqrec.train
-
-    trims = []
-    monkeypatch.setattr(seqrec.train, "HOST_TRIM_EVERY_STEPS", 3)
-    monkeypatch.setattr(seqrec.train, "trim_host_memory", lambda: trims.append(1) or True)
-    monkeypatch.setattr(seqrec.train, "keep_freed_host_memory", lambda: True)  # as on glibc, without changing this process's malloc
-    run(_config(small_dataset, tmp_path / "run", "train.epochs=1", "train.log_every=1", f"train.keep_host_memory={str(keep).lower()}"))
-    steps = max(row["step"] for row in read_history(tmp_path / "run") if "loss" in row)
-    assert steps >= 6
-    assert len(trims) == (steps // 3 if keep else 0)
