@@ -22,7 +22,7 @@ from seqrec.errors import InputError
 from seqrec.hf_files import open_model_directory, quiet_transformers, read_model_items
 from seqrec.masking import tail_positions
 from seqrec.model import MASK_ITEM, ItemVocabulary, SeqRecModel, position_ids_for, scored_states
-from seqrec.runtime import resolve_device
+from seqrec.runtime import attention_kernel, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ class Recommender:
         self.device = resolve_device(str(device), "--device")
         with quiet_transformers():
             self.model = AutoModelForMaskedLM.from_pretrained(model_dir, use_safetensors=True).to(self.device).eval()
+        # The kernel training picks on this device, so a run's own test evaluation and this one
+        # compute the same scores (transformers' default would be sdpa).
+        self.model.set_attn_implementation(attention_kernel("auto", self.device))
         self.causal = meta["attention"] == "causal"
         self.autocast_dtype = autocast_dtype
         self.first_token = int(meta["first_item_token"])
