@@ -189,7 +189,7 @@ def main() -> None:
         row_name = f"{recipe} ({args.label})" if args.label else recipe
         if recipe == "popularity":
             protocol = EvalConfig()
-            evaluation = popularity_baseline(data, args.max_len, 512, protocol.ks, protocol.exclude_history)
+            evaluation = popularity_baseline(data, protocol.ks, protocol.exclude_history)
             results.append({"recipe": row_name, **evaluation, "train_seconds": 0.0, "epochs": 0, "config": {}})
             continue
         config = load_config(REPO / "configs" / "demo.yaml", recipe_overrides(recipe, args.keep_layers, common, args.overrides, name, args.label))

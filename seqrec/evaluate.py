@@ -106,14 +106,33 @@ def evaluate_model(model: SeqRecModel, eval_set: EvalSet, batch_size: int, max_l
     return evaluate_sharded(model, eval_set, batch_size, max_len, ks, exclude_history, device, autocast_dtype, zero3).metrics
 
 
-def evaluate_popularity(item_counts: np.ndarray, eval_set: EvalSet, batch_size: int, max_len: int, ks, exclude_history: bool) -> dict[str, float]:
+def popularity_ranks(item_counts: np.ndarray, eval_set: EvalSet, exclude_history: bool) -> np.ndarray:
+    """`target_ranks` of the most-popular scorer (item k scores item_counts[k]) without a users x items matrix.
+
+    Every user shares one score vector, so a target's pessimistic rank is the number of items at
+    least as popular (one binary search in the sorted counts) less the user's distinct history
+    items, other than the target, that are at least as popular. Memory is O(items + interactions)
+    where scoring a batch of B users would materialise B x items scores and masks."""
+    popularity = np.asarray(item_counts, dtype=np.float64)[1:]
+    targets = eval_set.targets.astype(np.int64)
+    target_scores = popularity[targets - 1]
+    at_least_as_popular = len(popularity) - np.searchsorted(np.sort(popularity), target_scores, side="left")
+    if not exclude_history or len(eval_set.history) == 0:
+        return at_least_as_popular
+    lengths = np.diff(eval_set.offsets)
+    owner = np.repeat(np.arange(len(eval_set), dtype=np.int64), lengths)
+    items = eval_set.history.astype(np.int64)
+    pairs = np.unique(owner * (len(popularity) + 1) + items)  # distinct (user, item)
+    owner, items = pairs // (len(popularity) + 1), pairs % (len(popularity) + 1)
+    kept = (items > 0) & (items != targets[owner])
+    owner, items = owner[kept], items[kept]
+    outranking = popularity[items - 1] >= target_scores[owner]
+    return at_least_as_popular - np.bincount(owner[outranking], minlength=len(eval_set))
+
+
+def evaluate_popularity(item_counts: np.ndarray, eval_set: EvalSet, ks, exclude_history: bool) -> dict[str, float]:
     """Most-popular baseline: items ranked by training frequency (item_counts[k] for item k)."""
-    popularity = torch.as_tensor(item_counts[1:], dtype=torch.float32)
-    ranks = rank_all(
-        lambda items: popularity.expand(items.shape[0], -1), eval_set, batch_size, max_len,
-        append_mask=False, exclude_history=exclude_history, device="cpu",
-    )
-    return metrics_from_ranks(ranks, tuple(ks))
+    return metrics_from_ranks(popularity_ranks(item_counts, eval_set, exclude_history), tuple(ks))
 
 
 def train_item_counts(data: PreparedDataset) -> np.ndarray:
@@ -124,12 +143,10 @@ def train_item_counts(data: PreparedDataset) -> np.ndarray:
     return counts
 
 
-def popularity_baseline(
-    data: PreparedDataset, max_len: int, batch_size: int, ks, exclude_history: bool, splits=("valid", "test")
-) -> dict[str, dict[str, float]]:
+def popularity_baseline(data: PreparedDataset, ks, exclude_history: bool, splits=("valid", "test")) -> dict[str, dict[str, float]]:
     """Most-popular metrics on the given splits, under the same protocol as the model."""
     counts = train_item_counts(data)
-    return {split: evaluate_popularity(counts, data.eval_set(split), batch_size, max_len, ks, exclude_history) for split in splits}
+    return {split: evaluate_popularity(counts, data.eval_set(split), ks, exclude_history) for split in splits}
 
 
 def format_table(rows: dict[str, dict[str, float]], ks) -> str:

@@ -83,7 +83,7 @@ def evaluate_export(
     )
     popularity = None
     if is_main:
-        popularity = popularity_baseline(data, recommender.max_len, batch_size, tuple(ks), exclude_history, splits=(split,))[split]
+        popularity = popularity_baseline(data, tuple(ks), exclude_history, splits=(split,))[split]
     return ExportEvaluation(split, popularity, data, eval_set, output, world_size, is_main)
 
 

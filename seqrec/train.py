@@ -547,7 +547,7 @@ class _Trainer:
         weights = self.engine.full_state_dict() if self.engine.zero_stage == 3 else None
         metrics = None
         if info.is_main:
-            popularity = popularity_baseline(self.data, config.data.max_len, config.eval.batch_size, config.eval.ks, config.eval.exclude_history)
+            popularity = popularity_baseline(self.data, config.eval.ks, config.eval.exclude_history)
             beats_popularity = test[EARLY_STOP_METRIC] > popularity["test"][EARLY_STOP_METRIC]
             if not beats_popularity:
                 log.warning(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from seqrec.data.split import EvalSet
-from seqrec.evaluate import evaluate_popularity, history_batches, metrics_from_ranks, target_ranks
+from seqrec.evaluate import evaluate_popularity, history_batches, metrics_from_ranks, popularity_ranks, target_ranks
 from seqrec.model import MASK_ITEM
 
 
@@ -56,8 +56,28 @@ def test_history_batches_keep_recent_items_append_mask_and_carry_full_history():
 
 def test_popularity_baseline_ranks_by_training_counts():
     counts = np.array([0, 50, 40, 30, 20, 10, 5, 4, 3, 2, 1])  # items 1..10
-    metrics = evaluate_popularity(counts, _eval_set(), batch_size=8, max_len=4, ks=(1, 10), exclude_history=True)
+    metrics = evaluate_popularity(counts, _eval_set(), ks=(1, 10), exclude_history=True)
     # User 0: items 1-6 excluded -> 7 first. User 1: item 7 excluded; 8 ranks after 1..6 -> 7. User 2: 8, 9 excluded
     # except target 9 -> after 1..7 -> 8.
     assert metrics["HR@1"] == pytest.approx(1 / 3)
     assert metrics["MRR"] == pytest.approx((1 + 1 / 7 + 1 / 8) / 3)
+
+
+@pytest.mark.parametrize("exclude_history", [True, False])
+def test_popularity_ranks_equal_target_ranks_of_the_popularity_scores(exclude_history):
+    rng = np.random.default_rng(7)
+    num_items, users = 40, 300
+    counts = np.concatenate([[0], rng.integers(0, 6, num_items)])  # few distinct counts: many ties
+    lengths = rng.integers(1, 25, users)
+    # Repeats and the target itself appear in histories; the exclusion counts each item once and keeps the target.
+    history = rng.integers(1, num_items + 1, lengths.sum()).astype(np.int32)
+    targets = rng.integers(1, num_items + 1, users).astype(np.int32)
+    eval_set = EvalSet(np.arange(users), np.concatenate([[0], np.cumsum(lengths)]), history, targets)
+
+    expected = []
+    for items, batch_targets, full in history_batches(eval_set, batch_size=64, max_len=8, append_mask=False):
+        scores = torch.as_tensor(counts[1:], dtype=torch.float32).expand(len(batch_targets), -1)
+        expected.append(target_ranks(scores, batch_targets, full if exclude_history else None).numpy())
+    ranks = popularity_ranks(counts, eval_set, exclude_history)
+    assert np.array_equal(ranks, np.concatenate(expected))
+    assert ranks.min() >= 1
