@@ -79,6 +79,19 @@ def attention_kernel(requested: str, device: torch.device) -> str:
     return requested
 
 
+def peak_memory_mb(device: torch.device) -> tuple[float, float | None]:
+    """This process's peak resident host memory and, on a GPU, the peak memory PyTorch allocated
+    there, in MiB. The host figure is the kernel's high-water mark (ru_maxrss), so it counts what
+    `keep_freed_host_memory` holds on to, not only live tensors."""
+    import resource
+    import sys
+
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return host, gpu
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 

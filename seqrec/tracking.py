@@ -133,6 +133,9 @@ class Tracker:
         self.run.log({"final_metrics": wandb.Table(columns=["model", *columns], data=[[model, *(row.get(c) for c in columns)] for model, row in table.items()])})
         for key, value in flatten({"test": metrics.get("test", {}), "valid": metrics.get("valid", {})}).items():
             self.run.summary[key] = value
+        for key, by_rank in metrics.items():
+            if key.startswith("peak_") and key.endswith("_by_rank"):
+                self.run.summary[key.removesuffix("_by_rank")] = max(by_rank)
         self._close()
 
     def stopped(self, step: int) -> None:

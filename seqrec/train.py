@@ -42,7 +42,7 @@ from seqrec.hf_files import RUN_MODEL_DIR
 from seqrec.losses import LossParts, LossWeights, MaskedItemObjective
 from seqrec.model import build_model
 from seqrec.optim import planned_total_steps
-from seqrec.runtime import autocast_dtype, keep_freed_host_memory, require_compile_toolchain
+from seqrec.runtime import autocast_dtype, keep_freed_host_memory, peak_memory_mb, require_compile_toolchain
 from seqrec.stop_signals import StopSignals, held_back
 from seqrec.tracking import Tracker
 from seqrec.universal import PARAMETERS
@@ -546,8 +546,10 @@ class _Trainer:
         test = distributed.broadcast_object(evaluate(test_set))
         weights = self.engine.full_state_dict() if self.engine.zero_stage == 3 else None
         metrics = None
+        popularity = popularity_baseline(self.data, config.eval.ks, config.eval.exclude_history) if info.is_main else None
+        # Gathered after the last evaluation, so the figures are the whole run's high-water marks.
+        peaks = distributed.gather_floats([value if value is not None else math.nan for value in peak_memory_mb(self.device)])
         if info.is_main:
-            popularity = popularity_baseline(self.data, config.eval.ks, config.eval.exclude_history)
             beats_popularity = test[EARLY_STOP_METRIC] > popularity["test"][EARLY_STOP_METRIC]
             if not beats_popularity:
                 log.warning(
@@ -580,11 +582,15 @@ class _Trainer:
                 "device": str(self.device),
                 "precision": str(self.amp or "fp32"),
                 "item_init": self.init_report["counts"],
+                "peak_host_memory_mb_by_rank": [round(host) for host, _ in peaks],
+                **({"peak_device_memory_mb_by_rank": [round(gpu) for _, gpu in peaks]} if self.device.type == "cuda" else {}),
             }
             self._append({"step": state.step, "test": test})
             with atomic_file(self.run_dir / "metrics.json") as handle:
                 handle.write(json.dumps(metrics, indent=2) + "\n")
             self.tracker.finish(metrics, {"seqrec": test, "popularity": popularity["test"]})
+            log.info("peak memory: host %s MiB by rank%s", metrics["peak_host_memory_mb_by_rank"],
+                     f", device {metrics['peak_device_memory_mb_by_rank']} MiB" if "peak_device_memory_mb_by_rank" in metrics else "")
             print(f"\n{config.name}: test metrics (best epoch {state.best_epoch}, {state.epoch} epochs, {state.train_seconds:.0f} s training)")
             print(format_table({"seqrec": test, "popularity": popularity["test"]}, config.eval.ks))
         metrics = distributed.broadcast_object(metrics)

@@ -220,6 +220,9 @@ def test_uneven_shards_finish_with_equal_steps_on_every_rank(tiny_dataset, tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["epochs_run"] == 3
+    # Each rank's own high-water mark: a process that imported torch and trained holds well over 100 MiB.
+    assert len(metrics["peak_host_memory_mb_by_rank"]) == 2 and min(metrics["peak_host_memory_mb_by_rank"]) > 100
+    assert "peak_device_memory_mb_by_rank" not in metrics
     # 16 per micro-batch: the poorer rank has ceil(60/16) = 4 or ceil(120/16) = 8 batches per epoch.
     assert metrics["steps"] in range(3 * 4, 3 * 8 + 1)
     assert "left over per rank" in result.stderr

@@ -50,4 +50,6 @@ def test_a_sweep_agents_command_trains_with_its_values_into_its_run(tiny_dataset
     assert len(logged) == len(read_history(run_dir)) and any("valid/NDCG@10" in row for row in logged)
     # The sweep's metric is read from the run summary: the kept model's validation, not the last.
     summary = read_offline_summary(run_files[0])
-    assert summary["valid/NDCG@10"] == json.loads((run_dir / "metrics.json").read_text())["valid"]["NDCG@10"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["valid/NDCG@10"] == metrics["valid"]["NDCG@10"]
+    assert summary["peak_host_memory_mb"] == max(metrics["peak_host_memory_mb_by_rank"]) > 100

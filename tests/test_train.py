@@ -278,6 +278,7 @@ def test_training_on_cuda_runs_bf16_over_nccl_and_learns(small_dataset, tmp_path
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert (metrics["device"], metrics["precision"], metrics["backend"]) == ("cuda:0", "torch.bfloat16", "nccl")
     assert metrics["test"]["NDCG@10"] > 2 * metrics["popularity"]["test"]["NDCG@10"]
+    assert len(metrics["peak_device_memory_mb_by_rank"]) == 1 and metrics["peak_device_memory_mb_by_rank"][0] > 0
 
 
 def _step_losses(run_dir):
