@@ -199,6 +199,9 @@ def main() -> None:
             "recipe": row_name, "valid": metrics["valid"], "test": metrics["test"],
             "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs_run"], "best_epoch": metrics["best_epoch"],
             "sequences_per_s": metrics["sequences_per_s"], "wall_seconds": round(time.perf_counter() - started, 1),
+            # The recipes of one invocation share a process: its high-water mark so far, which is
+            # this recipe's own only for the first (or a run of one recipe).
+            "peak_host_memory_mb": max(metrics["peak_host_memory_mb_by_rank"]),
             "valid_history": validation_history(result.run_dir), "config": config.to_dict(),
         })
         _write(name, results, published, args)
