@@ -16,7 +16,9 @@ hardware runs it natively, else fp32; every figure below in that precision):
                            rows, x3 for forward + backward, over the padded batch). Other settings
                            (--mfu-settings) beside it: batch, layers, model.compile, and ML-1M batches
                            (200-item sequences: encoder-bound, unlike Beauty's head-bound ~10-item ones),
-                           one of them on transformers' eager attention against seqrec's own (CPU default).
+                           one of them on transformers' eager attention against seqrec's own (CPU default),
+                           and BERT-base width (hidden 768, from scratch: the shape people fine-tune
+                           most, whose wider products use a matmul unit better than MiniLM's 384).
   eval_users_per_s_ratio   the item-sharded evaluator (1 process) over a naive dense evaluator (the
                            model's head over the whole vocabulary at every position, a Python loop for
                            the mask position, a full sort per user), full-catalogue ranking of
@@ -88,10 +90,13 @@ def copy_bandwidth(device, megabytes: int = 256, seconds: float = 1.0) -> float:
     return 2 * source.numel() * 4 * count / (time.perf_counter() - started)
 
 
-def step_flops(config, tokens: int, length: int, scored_rows: int, num_items: int) -> float:
+def step_flops(config, tokens: int, length: int, scored_rows: int, num_items: int, transform_head: bool) -> float:
+    """Matmul FLOPs of a training step (backward twice the forward): the encoder over every
+    padded position, and each scored row against the whole catalogue, through BERT's MLM
+    transform only where the model uses it (`model.item_head: transform`)."""
     hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     encoder = tokens * layers * 2 * (4 * hidden * hidden + 2 * hidden * inner + 2 * length * hidden)
-    head = scored_rows * 2 * (hidden * hidden + num_items * hidden)
+    head = scored_rows * 2 * ((hidden * hidden if transform_head else 0) + num_items * hidden)
     return 3.0 * (encoder + head)
 
 
@@ -106,7 +111,7 @@ def timed(function, batches, device, warmup: int = 2) -> float:
     return (time.perf_counter() - started) / max(1, len(batches) - warmup)
 
 
-MFU_SETTING_FLAGS = "cde"
+MFU_SETTING_FLAGS = "cdew"
 
 
 def parse_mfu_setting(spec: str) -> tuple[str, int, int, str]:
@@ -119,6 +124,7 @@ def parse_mfu_setting(spec: str) -> tuple[str, int, int, str]:
     return name or "beauty", int(parts[0]), int(parts[1]), flags
 
 
+BERT_BASE_WIDTH = {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072}
 DEFAULT_MFU_SETTINGS = {
     "cpu": ["256x2d", "256x2c", "1024x2", "256x6", "1024x6", "1024x6c", "ml-1m:64x2", "ml-1m:64x2e", "ml-1m:64x2c", "ml-1m:64x6c"],
     "cuda": ["64x6", "1024x6", "ml-1m:64x6", "ml-1m:256x6", "ml-1m:256x6c"],
@@ -140,7 +146,8 @@ def main() -> None:
                         help="extra [DATASET:]BATCHxLAYERS[c][d][e] settings whose MFU is reported beside the main one "
                              "(DATASET: beauty (default) or ml-1m, whose 200-item sequences make the encoder dominate; c: model.compile; "
                              "d: the word-embedding lookup's gradient dense, as before the sparse CPU lookup; "
-                             "e: transformers' eager attention, as on CPUs before seqrec's own). "
+                             "e: transformers' eager attention, as on CPUs before seqrec's own; "
+                             "w: BERT-base width (hidden 768, 12 heads, feed-forward 3072, LAYERS layers) from scratch instead of MiniLM's 384). "
                              f"Default on cpu: {' '.join(DEFAULT_MFU_SETTINGS['cpu'])}; on cuda: {' '.join(DEFAULT_MFU_SETTINGS['cuda'])}; none with --quick")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds of seqrec's step and the naive one (vs_naive_ratio: the median of per-round ratios)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 256 users, 1 round; figures not kept")
@@ -211,10 +218,14 @@ def main() -> None:
         return [(items.to(device), torch.rand(items.shape, generator=generator).to(device)) for items in batches]
 
     def seqrec_step_figures(batch_size: int, keep_layers: int, compile_encoder: bool = False, name: str = "beauty", profile: bool = False,
-                            dense_lookup_gradient: bool = False, attention_kernel: str = "auto") -> dict:
+                            dense_lookup_gradient: bool = False, attention_kernel: str = "auto", bert_base_width: bool = False) -> dict:
         """The product's training step (DeepSpeed engine, `amp`): seconds and model FLOPs."""
         source, length_cap = dataset(name)
-        setting = load_config(None, [*overrides(length_cap), f"model.keep_layers={keep_layers}", f"train.batch_size={batch_size}",
+        # BERT-base's shape with random weights: its step costs what a pretrained one's would.
+        architecture = ([f"model.scratch.{key}={value}" for key, value in BERT_BASE_WIDTH.items()]
+                        + ["model.pretrained=null", f"model.scratch.num_hidden_layers={keep_layers}"]
+                        if bert_base_width else [f"model.keep_layers={keep_layers}"])
+        setting = load_config(None, [*overrides(length_cap), *architecture, f"train.batch_size={batch_size}",
                                      f"model.attention_kernel={attention_kernel}"])
         pairs = step_batches(source, length_cap, batch_size)
         torch.manual_seed(0)
@@ -239,7 +250,7 @@ def main() -> None:
         items_share = sum(int((items != 0).sum()) for items, _ in measured) / len(measured) / tokens
         return {"pairs": pairs, "model": model, "step": step, "seconds": seconds, "sequences": sum(items.shape[0] for items, _ in measured) / len(measured),
                 "length": length, "scored": scored, "items_share": items_share,
-                "flops": step_flops(model.mlm.config, tokens, length, scored, source.num_items)}
+                "flops": step_flops(model.mlm.config, tokens, length, scored, source.num_items, model.item_head == "transform")}
 
     # Sampled again after every measured setting; every MFU is against the best sample of the run.
     peak_samples = [matmul_peak(peak_dtype, device)]
@@ -403,10 +414,11 @@ def main() -> None:
     publish()
     for spec in args.mfu_settings:
         name, batch_size, keep_layers, flags = parse_mfu_setting(spec)
-        dense_lookup, compile_encoder, transformers_attention = "d" in flags, "c" in flags, "e" in flags
+        dense_lookup, compile_encoder, transformers_attention, bert_base_width = "d" in flags, "c" in flags, "e" in flags, "w" in flags
         figures = seqrec_step_figures(batch_size, keep_layers, compile_encoder, name, dense_lookup_gradient=dense_lookup,
-                                      attention_kernel="eager" if transformers_attention else "auto")
+                                      attention_kernel="eager" if transformers_attention else "auto", bert_base_width=bert_base_width)
         label = (("" if name == "beauty" else f"{name}, ") + f"batch {batch_size}, {keep_layers} layers"
+                 + (", BERT-base width (hidden 768, scratch)" if bert_base_width else "")
                  + (", model.compile" if compile_encoder else "") + (", dense lookup gradient" if dense_lookup else "")
                  + (", transformers' eager attention" if transformers_attention else ""))
         peak_samples.append(matmul_peak(peak_dtype, device))
