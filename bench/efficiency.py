@@ -111,7 +111,13 @@ def timed(function, batches, device, warmup: int = 2) -> float:
     return (time.perf_counter() - started) / max(1, len(batches) - warmup)
 
 
-MFU_SETTING_FLAGS = "cdew"
+MFU_SETTING_FLAGS = "cdewW"
+# Encoder widths other than MiniLM's 384 (flags w, W), built from scratch: a step costs the same
+# whatever the weights, so random ones stand in for a pretrained BERT of that shape.
+WIDER_ENCODERS = {
+    "w": ("BERT-base width (hidden 768, scratch)", {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072}),
+    "W": ("BERT-large width (hidden 1024, scratch)", {"hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096}),
+}
 
 
 def parse_mfu_setting(spec: str) -> tuple[str, int, int, str]:
@@ -121,12 +127,14 @@ def parse_mfu_setting(spec: str) -> tuple[str, int, int, str]:
     parts = shape[:len(shape) - len(flags)].split("x")
     if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts) or len(set(flags)) != len(flags):
         raise SystemExit(f"--mfu-settings: {spec!r} is not [DATASET:]BATCHxLAYERS[{']['.join(MFU_SETTING_FLAGS)}]")
+    if sum(flag in WIDER_ENCODERS for flag in flags) > 1:
+        raise SystemExit(f"--mfu-settings: {spec!r} names two encoder widths")
     return name or "beauty", int(parts[0]), int(parts[1]), flags
 
 
-BERT_BASE_WIDTH = {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072}
 DEFAULT_MFU_SETTINGS = {
-    "cpu": ["256x2d", "256x2c", "1024x2", "256x6", "1024x6", "1024x6c", "ml-1m:64x2", "ml-1m:64x2e", "ml-1m:64x2c", "ml-1m:64x6c"],
+    "cpu": ["256x2d", "256x2c", "1024x2", "256x6", "1024x6", "1024x6c", "ml-1m:64x2", "ml-1m:64x2e", "ml-1m:64x2c", "ml-1m:64x6c",
+            "ml-1m:64x6w", "ml-1m:64x4W"],
     "cuda": ["64x6", "1024x6", "ml-1m:64x6", "ml-1m:256x6", "ml-1m:256x6c"],
 }
 GPU_DEFAULTS = {"keep_layers": 6, "batch": 256, "steps": 20}
@@ -147,7 +155,8 @@ def main() -> None:
                              "(DATASET: beauty (default) or ml-1m, whose 200-item sequences make the encoder dominate; c: model.compile; "
                              "d: the word-embedding lookup's gradient dense, as before the sparse CPU lookup; "
                              "e: transformers' eager attention, as on CPUs before seqrec's own; "
-                             "w: BERT-base width (hidden 768, 12 heads, feed-forward 3072, LAYERS layers) from scratch instead of MiniLM's 384). "
+                             "w, W: BERT-base width (hidden 768, 12 heads, feed-forward 3072) or BERT-large width (1024, 16, 4096), "
+                             "LAYERS layers from scratch, instead of MiniLM's 384). "
                              f"Default on cpu: {' '.join(DEFAULT_MFU_SETTINGS['cpu'])}; on cuda: {' '.join(DEFAULT_MFU_SETTINGS['cuda'])}; none with --quick")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds of seqrec's step and the naive one (vs_naive_ratio: the median of per-round ratios)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 256 users, 1 round; figures not kept")
@@ -218,13 +227,12 @@ def main() -> None:
         return [(items.to(device), torch.rand(items.shape, generator=generator).to(device)) for items in batches]
 
     def seqrec_step_figures(batch_size: int, keep_layers: int, compile_encoder: bool = False, name: str = "beauty", profile: bool = False,
-                            dense_lookup_gradient: bool = False, attention_kernel: str = "auto", bert_base_width: bool = False) -> dict:
+                            dense_lookup_gradient: bool = False, attention_kernel: str = "auto", width: str = "") -> dict:
         """The product's training step (DeepSpeed engine, `amp`): seconds and model FLOPs."""
         source, length_cap = dataset(name)
-        # BERT-base's shape with random weights: its step costs what a pretrained one's would.
-        architecture = ([f"model.scratch.{key}={value}" for key, value in BERT_BASE_WIDTH.items()]
+        architecture = ([f"model.scratch.{key}={value}" for key, value in WIDER_ENCODERS[width][1].items()]
                         + ["model.pretrained=null", f"model.scratch.num_hidden_layers={keep_layers}"]
-                        if bert_base_width else [f"model.keep_layers={keep_layers}"])
+                        if width else [f"model.keep_layers={keep_layers}"])
         setting = load_config(None, [*overrides(length_cap), *architecture, f"train.batch_size={batch_size}",
                                      f"model.attention_kernel={attention_kernel}"])
         pairs = step_batches(source, length_cap, batch_size)
@@ -414,11 +422,12 @@ def main() -> None:
     publish()
     for spec in args.mfu_settings:
         name, batch_size, keep_layers, flags = parse_mfu_setting(spec)
-        dense_lookup, compile_encoder, transformers_attention, bert_base_width = "d" in flags, "c" in flags, "e" in flags, "w" in flags
+        dense_lookup, compile_encoder, transformers_attention = "d" in flags, "c" in flags, "e" in flags
+        width = "".join(flag for flag in flags if flag in WIDER_ENCODERS)
         figures = seqrec_step_figures(batch_size, keep_layers, compile_encoder, name, dense_lookup_gradient=dense_lookup,
-                                      attention_kernel="eager" if transformers_attention else "auto", bert_base_width=bert_base_width)
+                                      attention_kernel="eager" if transformers_attention else "auto", width=width)
         label = (("" if name == "beauty" else f"{name}, ") + f"batch {batch_size}, {keep_layers} layers"
-                 + (", BERT-base width (hidden 768, scratch)" if bert_base_width else "")
+                 + (f", {WIDER_ENCODERS[width][0]}" if width else "")
                  + (", model.compile" if compile_encoder else "") + (", dense lookup gradient" if dense_lookup else "")
                  + (", transformers' eager attention" if transformers_attention else ""))
         peak_samples.append(matmul_peak(peak_dtype, device))

@@ -37,7 +37,8 @@ def test_efficiency_settings_parse_with_their_flags_and_reject_typos():
     assert efficiency.parse_mfu_setting("256x2") == ("beauty", 256, 2, "")
     assert efficiency.parse_mfu_setting("ml-1m:64x2e") == ("ml-1m", 64, 2, "e")
     assert efficiency.parse_mfu_setting("1024x6cd") == ("beauty", 1024, 6, "cd")
-    for typo in ("64x", "64x2x3", "64x2q", "64x2cc", "ax2", "0x2"):
+    assert efficiency.parse_mfu_setting("ml-1m:64x6cw") == ("ml-1m", 64, 6, "cw")
+    for typo in ("64x", "64x2x3", "64x2q", "64x2cc", "ax2", "0x2", "64x2wW"):
         with pytest.raises(SystemExit, match="--mfu-settings"):
             efficiency.parse_mfu_setting(typo)
     for setting in (setting for settings in efficiency.DEFAULT_MFU_SETTINGS.values() for setting in settings):
