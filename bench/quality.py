@@ -21,6 +21,13 @@ Recipes, all measured here on the same prepared data:
 With --label L, rows are named "RECIPE (L)", so an ablation (say --set loss.prefix_prob=0.5
 --label prefix-0.5) sits beside the plain recipe instead of replacing it.
 
+Every recipe side by side in under 20 minutes on a 2-core CPU, one budget each:
+    python bench/quality.py --dataset ml-1m --minutes 3 --label 3-min
+(969 s in all on a 2-core Xeon with AMX at b89edb2: four trained recipes of ~4 minutes with
+setup and evaluation, plus popularity). A budget that short favours the causal recipe, which
+learns fastest per step; the rows that reach the published figures train 30-40 epochs
+(bench/results/README.md).
+
 Writes bench/results/quality_<dataset>.json and .md. CPU budgets are far below the published
 training runs; each result records its epochs and seconds so figures are read in that light.
 """
