@@ -135,7 +135,7 @@ def parse_mfu_setting(spec: str) -> tuple[str, int, int, str]:
 DEFAULT_MFU_SETTINGS = {
     "cpu": ["256x2d", "256x2c", "1024x2", "256x6", "1024x6", "1024x6c", "ml-1m:64x2", "ml-1m:64x2e", "ml-1m:64x2c", "ml-1m:64x6c",
             "ml-1m:64x6w", "ml-1m:64x4W"],
-    "cuda": ["64x6", "1024x6", "ml-1m:64x6", "ml-1m:256x6", "ml-1m:256x6c"],
+    "cuda": ["64x6", "1024x6", "ml-1m:64x6", "ml-1m:256x6", "ml-1m:256x6c", "ml-1m:256x12w", "ml-1m:256x12wc"],
 }
 GPU_DEFAULTS = {"keep_layers": 6, "batch": 256, "steps": 20}
 
