@@ -325,7 +325,9 @@ class TrainConfig:
     checkpoint_every_minutes: float | None = None
     keep_checkpoints: int = 2
     # CPU training: malloc keeps freed memory for reuse (see runtime.keep_freed_host_memory);
-    # faster steps, but the process holds its peak memory until it exits.
+    # faster steps, but the process holds its peak memory until it exits, and the kept heap
+    # fragments as batch shapes change. Beauty, 10 epochs on one AMX Xeon core: 743 s of
+    # training at a 7.3 GB peak with it, 837 s at 4.3 GB without (same test metrics).
     keep_host_memory: bool = True
     # Validate, keep and export an exponential moving average of the weights (decay per optimiser
     # step, e.g. 0.998 averages over ~500 steps) instead of the last step's; null = off. Costs one
