@@ -17,8 +17,8 @@ hardware runs it natively, else fp32; every figure below in that precision):
                            (--mfu-settings) beside it: batch, layers, model.compile, and ML-1M batches
                            (200-item sequences: encoder-bound, unlike Beauty's head-bound ~10-item ones),
                            one of them on transformers' eager attention against seqrec's own (CPU default),
-                           and BERT-base width (hidden 768, from scratch: the shape people fine-tune
-                           most, whose wider products use a matmul unit better than MiniLM's 384).
+                           and wider encoders from scratch, BERT-base (hidden 768) and BERT-large
+                           (1,024) widths, whose wider products use a matmul unit better than MiniLM's 384.
   eval_users_per_s_ratio   the item-sharded evaluator (1 process) over a naive dense evaluator (the
                            model's head over the whole vocabulary at every position, a Python loop for
                            the mask position, a full sort per user), full-catalogue ranking of
@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--eval-users", type=int, default=2048)
     parser.add_argument("--naive-eval-users", type=int, default=256)
     parser.add_argument("--mfu-settings", nargs="*", default=None,
-                        help="extra [DATASET:]BATCHxLAYERS[c][d][e] settings whose MFU is reported beside the main one "
+                        help="extra [DATASET:]BATCHxLAYERS[c][d][e][w|W] settings whose MFU is reported beside the main one "
                              "(DATASET: beauty (default) or ml-1m, whose 200-item sequences make the encoder dominate; c: model.compile; "
                              "d: the word-embedding lookup's gradient dense, as before the sparse CPU lookup; "
                              "e: transformers' eager attention, as on CPUs before seqrec's own; "

@@ -78,6 +78,8 @@ def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...]) -> dict[str, floa
 
 
 def rank_all(scorer: Scorer, eval_set: EvalSet, batch_size: int, max_len: int, append_mask: bool, exclude_history: bool, device) -> np.ndarray:
+    """Target ranks by scoring each batch of users against the whole catalogue at once: the dense
+    reference that the item-sharded evaluator is tested against."""
     ranks = []
     bar = progress.bar(total=-(-len(eval_set) // batch_size), desc="evaluating", unit="batch")
     for items, targets, history in history_batches(eval_set, batch_size, max_len, append_mask):
