@@ -18,7 +18,9 @@ hardware runs it natively, else fp32; every figure below in that precision):
                            (200-item sequences: encoder-bound, unlike Beauty's head-bound ~10-item ones),
                            one of them on transformers' eager attention against seqrec's own (CPU default),
                            and wider encoders from scratch, BERT-base (hidden 768) and BERT-large
-                           (1,024) widths, whose wider products use a matmul unit better than MiniLM's 384.
+                           (1,024) widths, whose wider products use a matmul unit better than MiniLM's 384,
+                           one of them also on nn.Linear's backward against seqrec's token-major one
+                           (`model.linear_kernel`, the CPU default where AMX is present).
   eval_users_per_s_ratio   the item-sharded evaluator (1 process) over a naive dense evaluator (the
                            model's head over the whole vocabulary at every position, a Python loop for
                            the mask position, a full sort per user), full-catalogue ranking of
@@ -111,7 +113,7 @@ def timed(function, batches, device, warmup: int = 2) -> float:
     return (time.perf_counter() - started) / max(1, len(batches) - warmup)
 
 
-MFU_SETTING_FLAGS = "cdewW"
+MFU_SETTING_FLAGS = "cdetwW"
 # Encoder widths other than MiniLM's 384 (flags w, W), built from scratch: a step costs the same
 # whatever the weights, so random ones stand in for a pretrained BERT of that shape.
 WIDER_ENCODERS = {
@@ -134,7 +136,7 @@ def parse_mfu_setting(spec: str) -> tuple[str, int, int, str]:
 
 DEFAULT_MFU_SETTINGS = {
     "cpu": ["256x2d", "256x2c", "1024x2", "256x6", "1024x6", "1024x6c", "ml-1m:64x2", "ml-1m:64x2e", "ml-1m:64x2c", "ml-1m:64x6c",
-            "ml-1m:64x6w", "ml-1m:64x4W"],
+            "ml-1m:64x6w", "ml-1m:64x4W", "ml-1m:64x4Wt", "ml-1m:64x4Wc", "ml-1m:64x4Wct", "ml-1m:128x4Wc"],
     "cuda": ["64x6", "1024x6", "ml-1m:64x6", "ml-1m:256x6", "ml-1m:256x6c", "ml-1m:256x12w", "ml-1m:256x12wc"],
 }
 GPU_DEFAULTS = {"keep_layers": 6, "batch": 256, "steps": 20}
@@ -151,10 +153,11 @@ def main() -> None:
     parser.add_argument("--eval-users", type=int, default=2048)
     parser.add_argument("--naive-eval-users", type=int, default=256)
     parser.add_argument("--mfu-settings", nargs="*", default=None,
-                        help="extra [DATASET:]BATCHxLAYERS[c][d][e][w|W] settings whose MFU is reported beside the main one "
+                        help="extra [DATASET:]BATCHxLAYERS[c][d][e][t][w|W] settings whose MFU is reported beside the main one "
                              "(DATASET: beauty (default) or ml-1m, whose 200-item sequences make the encoder dominate; c: model.compile; "
                              "d: the word-embedding lookup's gradient dense, as before the sparse CPU lookup; "
                              "e: transformers' eager attention, as on CPUs before seqrec's own; "
+                             "t: nn.Linear's backward (the weight gradient from a transposed operand), as on CPUs before seqrec's token-major one; "
                              "w, W: BERT-base width (hidden 768, 12 heads, feed-forward 3072) or BERT-large width (1024, 16, 4096), "
                              "LAYERS layers from scratch, instead of MiniLM's 384). "
                              f"Default on cpu: {' '.join(DEFAULT_MFU_SETTINGS['cpu'])}; on cuda: {' '.join(DEFAULT_MFU_SETTINGS['cuda'])}; none with --quick")
@@ -227,14 +230,15 @@ def main() -> None:
         return [(items.to(device), torch.rand(items.shape, generator=generator).to(device)) for items in batches]
 
     def seqrec_step_figures(batch_size: int, keep_layers: int, compile_encoder: bool = False, name: str = "beauty", profile: bool = False,
-                            dense_lookup_gradient: bool = False, attention_kernel: str = "auto", width: str = "") -> dict:
+                            dense_lookup_gradient: bool = False, attention_kernel: str = "auto", linear_kernel: str = "auto",
+                            width: str = "") -> dict:
         """The product's training step (DeepSpeed engine, `amp`): seconds and model FLOPs."""
         source, length_cap = dataset(name)
         architecture = ([f"model.scratch.{key}={value}" for key, value in WIDER_ENCODERS[width][1].items()]
                         + ["model.pretrained=null", f"model.scratch.num_hidden_layers={keep_layers}"]
                         if width else [f"model.keep_layers={keep_layers}"])
         setting = load_config(None, [*overrides(length_cap), *architecture, f"train.batch_size={batch_size}",
-                                     f"model.attention_kernel={attention_kernel}"])
+                                     f"model.attention_kernel={attention_kernel}", f"model.linear_kernel={linear_kernel}"])
         pairs = step_batches(source, length_cap, batch_size)
         torch.manual_seed(0)
         model, _ = build_model(setting.model, source.num_items, length_cap, device=device)
@@ -422,14 +426,16 @@ def main() -> None:
     publish()
     for spec in args.mfu_settings:
         name, batch_size, keep_layers, flags = parse_mfu_setting(spec)
-        dense_lookup, compile_encoder, transformers_attention = "d" in flags, "c" in flags, "e" in flags
+        dense_lookup, compile_encoder, transformers_attention, torch_linear = "d" in flags, "c" in flags, "e" in flags, "t" in flags
         width = "".join(flag for flag in flags if flag in WIDER_ENCODERS)
         figures = seqrec_step_figures(batch_size, keep_layers, compile_encoder, name, dense_lookup_gradient=dense_lookup,
-                                      attention_kernel="eager" if transformers_attention else "auto", width=width)
+                                      attention_kernel="eager" if transformers_attention else "auto",
+                                      linear_kernel="torch" if torch_linear else "auto", width=width)
         label = (("" if name == "beauty" else f"{name}, ") + f"batch {batch_size}, {keep_layers} layers"
                  + (f", {WIDER_ENCODERS[width][0]}" if width else "")
                  + (", model.compile" if compile_encoder else "") + (", dense lookup gradient" if dense_lookup else "")
-                 + (", transformers' eager attention" if transformers_attention else ""))
+                 + (", transformers' eager attention" if transformers_attention else "")
+                 + (", torch's linear backward" if torch_linear else ""))
         peak_samples.append(matmul_peak(peak_dtype, device))
         results["details"]["mfu_other_settings"][label] = {
             "mfu": None,  # set by publish()

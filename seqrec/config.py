@@ -122,6 +122,11 @@ class ModelConfig:
     # length x length scores stay in the autocast dtype instead of fp32). auto: sdpa on GPUs,
     # seqrec on CPUs (PyTorch's CPU flash kernel is slower in bf16 at these head sizes).
     attention_kernel: str = "auto"
+    # torch (nn.Linear) or token_major (seqrec/linear_kernel.py: in CPU bf16 training, each
+    # encoder linear layer's weight gradient multiplies a token-major copy instead of a transposed
+    # operand, oneDNN's slow path). auto: token_major on CPUs whose oneDNN runs bf16, torch
+    # elsewhere (GPU matmuls take transposed operands at full speed).
+    linear_kernel: str = "auto"
     # torch.compile each encoder layer (dynamic shapes): fuses the elementwise passes between the
     # matmuls. The first steps pay the compilation (tens of seconds on 2 CPU cores, cached on
     # disk afterwards); needs a C++ compiler on CPU. Not with ZeRO-3 (its hooks gather weights).
@@ -149,6 +154,7 @@ class ModelConfig:
         _choice(self.query, "model.query", ("mask", "mask_and_previous"))
         _choice(self.positions, "model.positions", ("from_start", "from_end"))
         _choice(self.attention_kernel, "model.attention_kernel", ("auto", "eager", "sdpa", "seqrec"))
+        _choice(self.linear_kernel, "model.linear_kernel", ("auto", "torch", "token_major"))
         _check(self.keep_layers is None or self.keep_layers >= 1, "model.keep_layers", "must be >= 1 or null", self.keep_layers)
         _check(self.activation_checkpointing >= 0, "model.activation_checkpointing", "must be >= 0 (0 = off, k = every k-th layer)",
                self.activation_checkpointing)

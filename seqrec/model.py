@@ -30,6 +30,7 @@ from seqrec.catalog_loss import catalog_cross_entropy
 from seqrec.config import PRETRAINED_DEFAULT, ModelConfig
 from seqrec.errors import ConfigError, SeqrecError
 from seqrec.hf_files import ITEMS_META_FILE, quiet_transformers
+from seqrec.linear_kernel import NAME as TOKEN_MAJOR, linear_kernel, use_token_major_linears
 from seqrec.runtime import attention_kernel
 from seqrec.warm_start import ExportedItems, carry_items, load_export
 
@@ -286,6 +287,8 @@ def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[
     `original_ids` (of items 1..N) match items to an export's under `model.warm_start`."""
     mlm, tokenizer, loaded, exported = _load_base(config, max_len)
     mlm.set_attn_implementation(attention_kernel(config.attention_kernel, torch.device(device)))
+    if linear_kernel(config.linear_kernel, torch.device(device)) == TOKEN_MAJOR:
+        use_token_major_linears(mlm.bert.encoder)
     base_vocab = mlm.get_input_embeddings().weight.shape[0]
     base_embeddings = mlm.get_input_embeddings().weight.detach().clone()
     first_item_token = len(tokenizer)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from seqrec import linear_kernel
 from seqrec.data.prepared import PreparedDataset
 from seqrec.data.stream import shards_for_rank
 from seqrec.optim import lr_factor
@@ -270,6 +271,25 @@ def test_deepspeed_launcher_runs_the_same_entry_point_and_zero3_exports(tiny_dat
     merged, live = load_file(str(tmp_path / "export" / "model.safetensors")), load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
     assert set(merged) == set(live)
     assert all(torch.equal(merged[key], live[key]) for key in live)
+
+
+@pytest.mark.skipif(not linear_kernel.available(), reason="model.linear_kernel=token_major needs PyTorch's oneDNN with bf16 on this CPU")
+def test_token_major_linears_train_like_torch_ones_in_bf16_under_partitioned_zero3(tiny_dataset, tmp_path):
+    """Two ranks, ZeRO-3 (weights gathered for each layer's forward and backward), bf16 autocast,
+    an encoder wide enough that its feed-forward layers take the token-major path."""
+    overrides = ("train.max_steps=4", "train.log_every=1", "distributed.zero_stage=3", "train.precision=bf16", "model.dropout=0.0",
+                 "model.scratch.hidden_size=512", "model.scratch.intermediate_size=1024", "model.scratch.num_hidden_layers=1",
+                 "model.scratch.num_attention_heads=8")
+    losses = {}
+    for kernel in ("torch", "token_major"):
+        result = torchrun(2, *train_args(tiny_dataset, tmp_path / kernel, *overrides, f"model.linear_kernel={kernel}"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[kernel] = losses_by_step(tmp_path / kernel)
+    assert sorted(losses["token_major"]) == sorted(losses["torch"]) == [1, 2, 3, 4]
+    assert losses["token_major"][1] == losses["torch"][1]  # the same forward
+    assert losses["token_major"] != losses["torch"]  # the token-major backward ran (its bias gradients are summed in fp32)
+    for step, loss in losses["torch"].items():  # later steps: weights updated by bf16-rounded gradients
+        assert losses["token_major"][step] == pytest.approx(loss, rel=0.02), step
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; runs where a GPU is present")
