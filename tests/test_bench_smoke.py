@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from seqrec import linear_kernel
 from tests.conftest import REPO, data_dir, require_data
 
 
@@ -20,14 +21,20 @@ def _quick(script: str, *arguments: str, timeout: int) -> dict:
     result = subprocess.run([sys.executable, f"bench/{script}", "--quick", *arguments], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     printed = result.stdout
-    return json.loads(printed[printed.index("\n{") + 1:])
+    return json.loads(printed[printed.rindex("\n{") + 1:])  # the last figures printed: a run prints them after each part
 
 
 def test_the_efficiency_benchmark_runs_and_reports_its_headline_ratios():
     require_data("beauty.txt")
-    figures = _quick("efficiency.py", "--batch", "16", "--keep-layers", "1", timeout=600)
+    # The linear-kernel A/B where this CPU can run the token-major kernel (oneDNN with bf16).
+    ab = ["--linear-kernel-ab", "16x1W"] if linear_kernel.available() else []
+    figures = _quick("efficiency.py", "--batch", "16", "--keep-layers", "1", *ab, timeout=600)
     for key in ("vs_naive_ratio", "mfu_cpu", "eval_users_per_s_ratio", "reader_over_step_ratio"):
         assert figures[key] > 0, (key, figures[key])
+    assert figures["mfu_cpu_best_setting"]["mfu"] >= figures["mfu_cpu"]
+    if ab:
+        rounds = figures["details"]["linear_kernel_ab"]["step_s_rounds"]
+        assert len(rounds["torch"]) == len(rounds["token_major"]) == 3 and figures["details"]["linear_kernel_ab"]["speedup_median"] > 0
 
 
 def test_efficiency_settings_parse_with_their_flags_and_reject_typos():
@@ -38,6 +45,7 @@ def test_efficiency_settings_parse_with_their_flags_and_reject_typos():
     assert efficiency.parse_mfu_setting("ml-1m:64x2e") == ("ml-1m", 64, 2, "e")
     assert efficiency.parse_mfu_setting("1024x6cd") == ("beauty", 1024, 6, "cd")
     assert efficiency.parse_mfu_setting("ml-1m:64x6cw") == ("ml-1m", 64, 6, "cw")
+    assert efficiency.parse_mfu_setting("ml-1m:64x4Wct") == ("ml-1m", 64, 4, "Wct")
     for typo in ("64x", "64x2x3", "64x2q", "64x2cc", "ax2", "0x2", "64x2wW"):
         with pytest.raises(SystemExit, match="--mfu-settings"):
             efficiency.parse_mfu_setting(typo)
