@@ -122,10 +122,12 @@ class ModelConfig:
     # length x length scores stay in the autocast dtype instead of fp32). auto: sdpa on GPUs,
     # seqrec on CPUs (PyTorch's CPU flash kernel is slower in bf16 at these head sizes).
     attention_kernel: str = "auto"
-    # torch (nn.Linear) or token_major (seqrec/linear_kernel.py: in CPU bf16 training, each
-    # encoder linear layer's weight gradient multiplies a token-major copy instead of a transposed
-    # operand, oneDNN's slow path). auto: token_major on CPUs whose oneDNN runs bf16, torch
-    # elsewhere (GPU matmuls take transposed operands at full speed).
+    # torch (nn.Linear) or token_major (seqrec/linear_kernel.py: in CPU bf16 training, the
+    # encoder's feed-forward layers at least 512 wide on both sides compute their weight gradient
+    # from a token-major copy instead of a transposed operand, oneDNN's slow path; BERT-large
+    # width's compiled ML-1M step 1.07-1.08x on the AMX Xeon; MiniLM's 384-wide layers are left
+    # alone). auto: token_major on CPUs with AMX whose oneDNN runs bf16, torch elsewhere (GPU
+    # matmuls take transposed operands at full speed).
     linear_kernel: str = "auto"
     # torch.compile each encoder layer (dynamic shapes): fuses the elementwise passes between the
     # matmuls. The first steps pay the compilation (tens of seconds on 2 CPU cores, cached on

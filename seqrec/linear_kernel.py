@@ -12,8 +12,9 @@ is itself slow for 2-byte types (21 ms for 9,216 x 1,024 bf16), so the copy goes
 reorder (4 ms). A custom operator carries it so that `torch.compile` keeps the copy instead of
 folding it back into a transposed view.
 
-Only for CPU training in bf16 (autocast or bf16 weights); elsewhere, and without gradients, the
-layer is `nn.Linear` itself. The bias gradient is summed in fp32 (PyTorch's sums in bf16), so
+Only the layers where the copy pays for itself take this path (`takes_token_major`: the
+feed-forward layers of encoders at least 512 wide), and only for CPU training in bf16 (autocast
+or bf16 weights); elsewhere, and without gradients, the layer is `nn.Linear` itself. The bias gradient is summed in fp32 (PyTorch's sums in bf16), so
 gradients differ from `nn.Linear`'s by rounding only. GPUs' matmul libraries take transposed
 operands at full speed, so nothing changes there.
 """
