@@ -105,6 +105,13 @@ def step_flops(config, tokens: int, length: int, scored_rows: int, num_items: in
     return 3.0 * (encoder + head)
 
 
+def median_round_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median (upper, for an even count) of per-round ratios: each round's two timings a few
+    seconds apart, so the machine's drift over minutes cancels within each ratio."""
+    ratios = sorted(numerator / denominator for numerator, denominator in zip(numerators, denominators))
+    return ratios[len(ratios) // 2]
+
+
 def timed(function, batches, device, warmup: int = 2) -> float:
     for batch in batches[:warmup]:
         function(batch)
@@ -204,6 +211,7 @@ def main() -> None:
     from seqrec.model import build_model
     from seqrec.runtime import autocast_dtype, keep_freed_host_memory
     from seqrec.sharded_eval import evaluate_sharded
+    from seqrec.linear_kernel import NAME as TOKEN_MAJOR, linear_kernel as chosen_linear_kernel
     from seqrec.train import optimizer_step
 
     device, _ = distributed.start(args.device, timeout_minutes=30)
@@ -317,8 +325,7 @@ def main() -> None:
     for _ in range(args.rounds - 1):
         seqrec_rounds.append(timed(step, pairs[2:], device, warmup=0))
         naive_rounds.append(timed(naive_step, pairs[2:], device, warmup=0))
-    round_ratios = sorted(naive / seqrec for naive, seqrec in zip(naive_rounds, seqrec_rounds))
-    vs_naive = round_ratios[len(round_ratios) // 2]
+    vs_naive = median_round_ratio(naive_rounds, seqrec_rounds)
     seqrec_step, naive_seconds = min(seqrec_rounds), min(naive_rounds)
     del pairs, step
 
@@ -439,19 +446,24 @@ def main() -> None:
         else:
             print(json.dumps(update_efficiency(results, provenance, headline=amp is not None), indent=2))
 
-    publish()
-    for spec in args.mfu_settings:
+    def setting_figures(spec: str, linear_kernel: str | None = None) -> tuple[str, dict]:
+        """A --mfu-settings spec's label and step figures; `linear_kernel` overrides its t flag."""
         name, batch_size, keep_layers, flags = parse_mfu_setting(spec)
         dense_lookup, compile_encoder, transformers_attention, torch_linear = "d" in flags, "c" in flags, "e" in flags, "t" in flags
         width = "".join(flag for flag in flags if flag in WIDER_ENCODERS)
         figures = seqrec_step_figures(batch_size, keep_layers, compile_encoder, name, dense_lookup_gradient=dense_lookup,
                                       attention_kernel="eager" if transformers_attention else "auto",
-                                      linear_kernel="torch" if torch_linear else "auto", width=width)
+                                      linear_kernel=linear_kernel or ("torch" if torch_linear else "auto"), width=width)
         label = (("" if name == "beauty" else f"{name}, ") + f"batch {batch_size}, {keep_layers} layers"
                  + (f", {WIDER_ENCODERS[width][0]}" if width else "")
                  + (", model.compile" if compile_encoder else "") + (", dense lookup gradient" if dense_lookup else "")
                  + (", transformers' eager attention" if transformers_attention else "")
                  + (", torch's linear backward" if torch_linear else ""))
+        return label, figures
+
+    publish()
+    for spec in args.mfu_settings:
+        label, figures = setting_figures(spec)
         peak_samples.append(matmul_peak(peak_dtype, device))
         results["details"]["mfu_other_settings"][label] = {
             "mfu": None,  # set by publish()
@@ -463,24 +475,17 @@ def main() -> None:
         publish()
 
     if args.linear_kernel_ab is None:
-        from seqrec.linear_kernel import NAME as TOKEN_MAJOR, linear_kernel
-
-        args.linear_kernel_ab = LINEAR_KERNEL_AB_SETTING if not args.quick and linear_kernel("auto", device) == TOKEN_MAJOR else ""
+        args.linear_kernel_ab = LINEAR_KERNEL_AB_SETTING if not args.quick and chosen_linear_kernel("auto", device) == TOKEN_MAJOR else ""
     if args.linear_kernel_ab:
         # Both models side by side, timed in alternating rounds: the gain is a few percent, less
         # than the drift between settings measured minutes apart.
-        name, batch_size, keep_layers, flags = parse_mfu_setting(args.linear_kernel_ab)
-        width = "".join(flag for flag in flags if flag in WIDER_ENCODERS)
-        steps = {kernel: seqrec_step_figures(batch_size, keep_layers, "c" in flags, name, dense_lookup_gradient="d" in flags,
-                                             attention_kernel="eager" if "e" in flags else "auto", linear_kernel=kernel, width=width)
-                 for kernel in ("torch", "token_major")}
+        steps = {kernel: setting_figures(args.linear_kernel_ab, linear_kernel=kernel)[1] for kernel in ("torch", "token_major")}
         kernel_rounds = {kernel: [] for kernel in steps}
         for round_index in range(max(3, args.rounds)):
             for kernel in (("torch", "token_major") if round_index % 2 == 0 else ("token_major", "torch")):
                 kernel_rounds[kernel].append(timed(steps[kernel]["step"], steps[kernel]["pairs"][2:], device, warmup=0))
-        ratios = sorted(torch_s / token_major_s for torch_s, token_major_s in zip(kernel_rounds["torch"], kernel_rounds["token_major"]))
         results["details"]["linear_kernel_ab"] = {
-            "setting": args.linear_kernel_ab, "speedup_median": round(ratios[len(ratios) // 2], 3),
+            "setting": args.linear_kernel_ab, "speedup_median": round(median_round_ratio(kernel_rounds["torch"], kernel_rounds["token_major"]), 3),
             "step_s_rounds": {kernel: [round(value, 4) for value in values] for kernel, values in kernel_rounds.items()},
         }
         del steps

@@ -14,9 +14,10 @@ folding it back into a transposed view.
 
 Only the layers where the copy pays for itself take this path (`takes_token_major`: the
 feed-forward layers of encoders at least 512 wide), and only for CPU training in bf16 (autocast
-or bf16 weights); elsewhere, and without gradients, the layer is `nn.Linear` itself. The bias gradient is summed in fp32 (PyTorch's sums in bf16), so
-gradients differ from `nn.Linear`'s by rounding only. GPUs' matmul libraries take transposed
-operands at full speed, so nothing changes there.
+or bf16 weights); elsewhere, and without gradients, the layer is `nn.Linear` itself. The bias
+gradient is summed in fp32 (PyTorch's sums in bf16), so gradients differ from `nn.Linear`'s by
+rounding only. GPUs' matmul libraries take transposed operands at full speed, so nothing
+changes there.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ MIN_FEATURES = 512
 
 def takes_token_major(layer: nn.Linear) -> bool:
     """Whether the token-major weight gradient pays for its copy in this layer: rectangular
-    layers (BERT's feed-forward ones) at least `MIN_FEATURES` wide on either side.
+    layers (BERT's feed-forward ones) at least `MIN_FEATURES` wide on both sides.
 
     Measured on the AMX Xeon in bf16 at 2,560 and 9,216 tokens, the weight gradient alone, PyTorch's
     against token-major: 1,024 -> 4,096 79 ms against 53 ms at 9,216 tokens, 4,096 -> 1,024 74
