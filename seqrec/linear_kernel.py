@@ -1,16 +1,16 @@
 """Linear layers whose weight gradient multiplies token-major copies on CPUs.
 
 A linear layer's weight gradient is `grad_output.T @ input`: the token dimension is the product's
-inner dimension, and PyTorch hands the product a transposed operand. On CPUs that is the slow
-path of oneDNN's bf16 matmul: on the 2-core AMX Xeon, BERT-large feed-forward shapes (9,216
-tokens x 1,024 x 4,096) ran the weight gradient at ~1,000 GFLOP/s against ~2,000 for the same
-product from a contiguous [features, tokens] operand, while the forward and input-gradient
-products ran at 2,000-2,400. So the weight gradient here is the same product after a
-transposing copy of one operand: the narrower of `grad_output` and `input` (transposing the
-narrower input also costs transposing the [in, out] result back). PyTorch's own transposing copy
-is itself slow for 2-byte types (21 ms for 9,216 x 1,024 bf16), so the copy goes through oneDNN's
-reorder (4 ms). A custom operator carries it so that `torch.compile` keeps the copy instead of
-folding it back into a transposed view.
+inner dimension, and PyTorch hands the product a transposed operand. On CPUs that is the slow path
+of oneDNN's bf16 matmul: on the 2-core AMX Xeon (ad-hoc probes), BERT-large feed-forward shapes
+(9,216 tokens x 1,024 x 4,096) ran the weight gradient at ~1,000 GFLOP/s against ~2,000 for the
+same product from a contiguous [features, tokens] operand, while the forward and input-gradient
+products ran at 2,000-2,400. So the weight gradient here is the same product after a transposing
+copy of one operand: the narrower of `grad_output` and `input` (transposing the narrower input
+also costs transposing the [in, out] result back). PyTorch's own transposing copy is itself slow
+for 2-byte types (21 ms for 9,216 x 1,024 bf16), so the copy goes through oneDNN's reorder (4 ms).
+A custom operator carries it so that `torch.compile` keeps the copy instead of folding it back
+into a transposed view.
 
 Only the layers where the copy pays for itself take this path (`takes_token_major`: the
 feed-forward layers of encoders at least 512 wide), and only for CPU training in bf16 (autocast
@@ -112,13 +112,13 @@ def takes_token_major(layer: nn.Linear) -> bool:
     """Whether the token-major weight gradient pays for its copy in this layer: rectangular
     layers (BERT's feed-forward ones) at least `MIN_FEATURES` wide on both sides.
 
-    Measured on the AMX Xeon in bf16 at 2,560 and 9,216 tokens, the weight gradient alone, PyTorch's
-    against token-major: 1,024 -> 4,096 79 ms against 53 ms at 9,216 tokens, 4,096 -> 1,024 74
-    against 50, 768 -> 3,072 32 against 30, 3,072 -> 768 35 against 29, 512 -> 2,048 and back
-    17 against 15. Square layers (attention's projections) lose: 768 x 768 6.7 ms against 14.4
-    (the transposed product is fast there), 1,024 x 1,024 even. At 384 wide (MiniLM) the
-    transposed product keeps pace (384 -> 1,536: 7.0 ms either way), and the custom backward's
-    own costs outweighed the one layer that gains."""
+    Measured on the AMX Xeon in bf16 at 2,560 and 9,216 tokens in ad-hoc probes (not a kept
+    benchmark), the weight gradient alone, PyTorch's against token-major: 1,024 -> 4,096 79 ms
+    against 53 ms at 9,216 tokens, 4,096 -> 1,024 74 against 50, 768 -> 3,072 32 against 30, 3,072
+    -> 768 35 against 29, 512 -> 2,048 and back 17 against 15. Square layers (attention's
+    projections) lose: 768 x 768 6.7 ms against 14.4 (the transposed product is fast there), 1,024
+    x 1,024 even. At 384 wide (MiniLM) the transposed product keeps pace (384 -> 1,536: 7.0 ms
+    either way), and the custom backward's own costs outweighed the one layer that gains."""
     return layer.in_features != layer.out_features and min(layer.in_features, layer.out_features) >= MIN_FEATURES
 
 
