@@ -24,6 +24,9 @@ hardware runs it natively, else fp32; every figure below in that precision):
   mfu_cpu_best_setting     the highest MFU of the run (the headline's or another setting's) and its setting.
   details.linear_kernel_ab one setting's step on nn.Linear's backward and on seqrec's token-major one
                            (model.linear_kernel), timed in alternating rounds (--linear-kernel-ab).
+  details.activation_kernel_ab  one compiled setting's step with the feed-forward GELU as the compiler
+                           writes it and as ATen's operator (model.activation_kernel torch against aten,
+                           the CPU default under model.compile), alternating rounds (--activation-kernel-ab).
   eval_users_per_s_ratio   the item-sharded evaluator (1 process) over a naive dense evaluator (the
                            model's head over the whole vocabulary at every position, a Python loop for
                            the mask position, a full sort per user), full-catalogue ranking of
@@ -123,7 +126,7 @@ def timed(function, batches, device, warmup: int = 2) -> float:
     return (time.perf_counter() - started) / max(1, len(batches) - warmup)
 
 
-MFU_SETTING_FLAGS = "cdetwW"
+MFU_SETTING_FLAGS = "cdeitwW"
 # Encoder widths other than MiniLM's 384 (flags w, W), built from scratch: a step costs the same
 # whatever the weights, so random ones stand in for a pretrained BERT of that shape.
 WIDER_ENCODERS = {
@@ -152,6 +155,8 @@ DEFAULT_MFU_SETTINGS = {
 GPU_DEFAULTS = {"keep_layers": 6, "batch": 256, "steps": 20}
 # Where the token-major weight gradient has layers to act on (MiniLM's 384-wide ones take none).
 LINEAR_KERNEL_AB_SETTING = "ml-1m:64x4Wc"
+# A compiled setting (eager steps run ATen's GELU either way) whose feed-forward is wide.
+ACTIVATION_KERNEL_AB_SETTING = "ml-1m:64x4Wc"
 
 
 def main() -> None:
@@ -165,10 +170,11 @@ def main() -> None:
     parser.add_argument("--eval-users", type=int, default=2048)
     parser.add_argument("--naive-eval-users", type=int, default=256)
     parser.add_argument("--mfu-settings", nargs="*", default=None,
-                        help="extra [DATASET:]BATCHxLAYERS[c][d][e][t][w|W] settings whose MFU is reported beside the main one "
+                        help="extra [DATASET:]BATCHxLAYERS[c][d][e][i][t][w|W] settings whose MFU is reported beside the main one "
                              "(DATASET: beauty (default) or ml-1m, whose 200-item sequences make the encoder dominate; c: model.compile; "
                              "d: the word-embedding lookup's gradient dense, as before the sparse CPU lookup; "
                              "e: transformers' eager attention, as on CPUs before seqrec's own; "
+                             "i: with c, the feed-forward GELU as inductor writes it, as on CPUs before seqrec's ATen operator; "
                              "t: nn.Linear's backward (the weight gradient from a transposed operand), as on CPUs before seqrec's token-major one; "
                              "w, W: BERT-base width (hidden 768, 12 heads, feed-forward 3072) or BERT-large width (1024, 16, 4096), "
                              "LAYERS layers from scratch, instead of MiniLM's 384). "
@@ -178,6 +184,11 @@ def main() -> None:
                              "token-major one (model.linear_kernel torch against token_major) in alternating rounds over the same batches "
                              f"(details.linear_kernel_ab.speedup_median: the median of per-round ratios). Default on CPUs where auto picks token_major: "
                              f"{LINEAR_KERNEL_AB_SETTING}; none elsewhere, or with --quick, or given ''")
+    parser.add_argument("--activation-kernel-ab", metavar="SETTING", default=None,
+                        help="a compiled setting (flag c) whose step is timed with the feed-forward GELU as the compiler writes it and "
+                             "as ATen's operator (model.activation_kernel torch against aten) in alternating rounds "
+                             f"(details.activation_kernel_ab). Default on cpu: {ACTIVATION_KERNEL_AB_SETTING}; none on cuda, or with --quick, "
+                             "or given ''")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds of seqrec's step and the naive one (vs_naive_ratio: the median of per-round ratios)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 256 users, 1 round; figures not kept")
     parser.add_argument("--profile", action="store_true",
@@ -191,8 +202,8 @@ def main() -> None:
         args.steps, args.eval_users, args.naive_eval_users, args.rounds = 3, 256, 64, 1
     if args.mfu_settings is None:
         args.mfu_settings = [] if args.quick else DEFAULT_MFU_SETTINGS[args.device]
-    for spec in args.mfu_settings + ([args.linear_kernel_ab] if args.linear_kernel_ab else []):  # a typo fails now, not after the headline's minutes
-        parse_mfu_setting(spec)
+    for spec in args.mfu_settings + [spec for spec in (args.linear_kernel_ab, args.activation_kernel_ab) if spec]:
+        parse_mfu_setting(spec)  # a typo fails now, not after the headline's minutes
 
     import numpy as np
     import torch
@@ -212,6 +223,7 @@ def main() -> None:
     from seqrec.runtime import autocast_dtype, keep_freed_host_memory
     from seqrec.sharded_eval import evaluate_sharded
     from seqrec.linear_kernel import NAME as TOKEN_MAJOR, linear_kernel as chosen_linear_kernel
+    from seqrec.activation_kernel import NAME as ATEN_ACTIVATION
     from seqrec.train import optimizer_step
 
     device, _ = distributed.start(args.device, timeout_minutes=30)
@@ -249,14 +261,15 @@ def main() -> None:
 
     def seqrec_step_figures(batch_size: int, keep_layers: int, compile_encoder: bool = False, name: str = "beauty", profile: bool = False,
                             dense_lookup_gradient: bool = False, attention_kernel: str = "auto", linear_kernel: str = "auto",
-                            width: str = "") -> dict:
+                            activation_kernel: str = "auto", width: str = "") -> dict:
         """The product's training step (DeepSpeed engine, `amp`): seconds and model FLOPs."""
         source, length_cap = dataset(name)
         architecture = ([f"model.scratch.{key}={value}" for key, value in WIDER_ENCODERS[width][1].items()]
                         + ["model.pretrained=null", f"model.scratch.num_hidden_layers={keep_layers}"]
                         if width else [f"model.keep_layers={keep_layers}"])
         setting = load_config(None, [*overrides(length_cap), *architecture, f"train.batch_size={batch_size}",
-                                     f"model.attention_kernel={attention_kernel}", f"model.linear_kernel={linear_kernel}"])
+                                     f"model.attention_kernel={attention_kernel}", f"model.linear_kernel={linear_kernel}",
+                                     f"model.activation_kernel={activation_kernel}", f"model.compile={str(compile_encoder).lower()}"])
         pairs = step_batches(source, length_cap, batch_size)
         torch.manual_seed(0)
         model, _ = build_model(setting.model, source.num_items, length_cap, device=device)
@@ -446,19 +459,22 @@ def main() -> None:
         else:
             print(json.dumps(update_efficiency(results, provenance, headline=amp is not None), indent=2))
 
-    def setting_figures(spec: str, linear_kernel: str | None = None) -> tuple[str, dict]:
-        """A --mfu-settings spec's label and step figures; `linear_kernel` overrides its t flag."""
+    def setting_figures(spec: str, linear_kernel: str | None = None, activation_kernel: str | None = None) -> tuple[str, dict]:
+        """A --mfu-settings spec's label and step figures; `linear_kernel` overrides its t flag,
+        `activation_kernel` its i flag."""
         name, batch_size, keep_layers, flags = parse_mfu_setting(spec)
         dense_lookup, compile_encoder, transformers_attention, torch_linear = "d" in flags, "c" in flags, "e" in flags, "t" in flags
+        compiler_gelu = "i" in flags
         width = "".join(flag for flag in flags if flag in WIDER_ENCODERS)
         figures = seqrec_step_figures(batch_size, keep_layers, compile_encoder, name, dense_lookup_gradient=dense_lookup,
                                       attention_kernel="eager" if transformers_attention else "auto",
-                                      linear_kernel=linear_kernel or ("torch" if torch_linear else "auto"), width=width)
+                                      linear_kernel=linear_kernel or ("torch" if torch_linear else "auto"),
+                                      activation_kernel=activation_kernel or ("torch" if compiler_gelu else "auto"), width=width)
         label = (("" if name == "beauty" else f"{name}, ") + f"batch {batch_size}, {keep_layers} layers"
                  + (f", {WIDER_ENCODERS[width][0]}" if width else "")
                  + (", model.compile" if compile_encoder else "") + (", dense lookup gradient" if dense_lookup else "")
                  + (", transformers' eager attention" if transformers_attention else "")
-                 + (", torch's linear backward" if torch_linear else ""))
+                 + (", torch's linear backward" if torch_linear else "") + (", inductor's GELU" if compiler_gelu else ""))
         return label, figures
 
     publish()
@@ -474,21 +490,27 @@ def main() -> None:
         del figures
         publish()
 
+    def kernel_ab(spec: str, option: str, baseline: str, candidate: str) -> dict:
+        """`spec`'s step with `option` (a setting_figures keyword) at `baseline` and at
+        `candidate`: both models side by side, timed in alternating rounds, since the gains are a
+        few percent, less than the drift between settings measured minutes apart."""
+        steps = {kernel: setting_figures(spec, **{option: kernel})[1] for kernel in (baseline, candidate)}
+        kernel_rounds = {kernel: [] for kernel in steps}
+        for round_index in range(max(3, args.rounds)):
+            for kernel in ((baseline, candidate) if round_index % 2 == 0 else (candidate, baseline)):
+                kernel_rounds[kernel].append(timed(steps[kernel]["step"], steps[kernel]["pairs"][2:], device, warmup=0))
+        return {"setting": spec, "speedup_median": round(median_round_ratio(kernel_rounds[baseline], kernel_rounds[candidate]), 3),
+                "step_s_rounds": {kernel: [round(value, 4) for value in values] for kernel, values in kernel_rounds.items()}}
+
     if args.linear_kernel_ab is None:
         args.linear_kernel_ab = LINEAR_KERNEL_AB_SETTING if not args.quick and chosen_linear_kernel("auto", device) == TOKEN_MAJOR else ""
     if args.linear_kernel_ab:
-        # Both models side by side, timed in alternating rounds: the gain is a few percent, less
-        # than the drift between settings measured minutes apart.
-        steps = {kernel: setting_figures(args.linear_kernel_ab, linear_kernel=kernel)[1] for kernel in ("torch", "token_major")}
-        kernel_rounds = {kernel: [] for kernel in steps}
-        for round_index in range(max(3, args.rounds)):
-            for kernel in (("torch", "token_major") if round_index % 2 == 0 else ("token_major", "torch")):
-                kernel_rounds[kernel].append(timed(steps[kernel]["step"], steps[kernel]["pairs"][2:], device, warmup=0))
-        results["details"]["linear_kernel_ab"] = {
-            "setting": args.linear_kernel_ab, "speedup_median": round(median_round_ratio(kernel_rounds["torch"], kernel_rounds["token_major"]), 3),
-            "step_s_rounds": {kernel: [round(value, 4) for value in values] for kernel, values in kernel_rounds.items()},
-        }
-        del steps
+        results["details"]["linear_kernel_ab"] = kernel_ab(args.linear_kernel_ab, "linear_kernel", "torch", TOKEN_MAJOR)
+        publish()
+    if args.activation_kernel_ab is None:
+        args.activation_kernel_ab = ACTIVATION_KERNEL_AB_SETTING if not args.quick and not on_gpu else ""
+    if args.activation_kernel_ab:
+        results["details"]["activation_kernel_ab"] = kernel_ab(args.activation_kernel_ab, "activation_kernel", "torch", ATEN_ACTIVATION)
         publish()
 
 

@@ -129,6 +129,12 @@ class ModelConfig:
     # alone). auto: token_major on CPUs with AMX whose oneDNN runs bf16, torch elsewhere (GPU
     # matmuls take transposed operands at full speed).
     linear_kernel: str = "auto"
+    # torch (what PyTorch makes of the feed-forward GELU: ATen's kernel eager, the compiler's own
+    # code under model.compile) or aten (seqrec/activation_kernel.py: an operator the compiler
+    # calls rather than writes, ATen's kernel either way, the same values; on CPUs that is
+    # oneDNN's, while inductor's erf ran the activation 1.7x slower in a probe). auto: aten for
+    # CPU encoders under model.compile, torch elsewhere (GPU compilers fuse it at memory speed).
+    activation_kernel: str = "auto"
     # torch.compile each encoder layer (dynamic shapes): fuses the elementwise passes between the
     # matmuls. The first steps pay the compilation (tens of seconds on 2 CPU cores, cached on
     # disk afterwards); needs a C++ compiler on CPU. Not with ZeRO-3 (its hooks gather weights).
@@ -157,6 +163,7 @@ class ModelConfig:
         _choice(self.positions, "model.positions", ("from_start", "from_end"))
         _choice(self.attention_kernel, "model.attention_kernel", ("auto", "eager", "sdpa", "seqrec"))
         _choice(self.linear_kernel, "model.linear_kernel", ("auto", "torch", "token_major"))
+        _choice(self.activation_kernel, "model.activation_kernel", ("auto", "torch", "aten"))
         _check(self.keep_layers is None or self.keep_layers >= 1, "model.keep_layers", "must be >= 1 or null", self.keep_layers)
         _check(self.activation_checkpointing >= 0, "model.activation_checkpointing", "must be >= 0 (0 = off, k = every k-th layer)",
                self.activation_checkpointing)

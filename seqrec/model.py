@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizerFast
 
+from seqrec.activation_kernel import NAME as ATEN_ACTIVATION, activation_kernel, use_aten_gelu
 from seqrec.catalog_loss import catalog_cross_entropy
 from seqrec.config import PRETRAINED_DEFAULT, ModelConfig
 from seqrec.errors import ConfigError, SeqrecError
@@ -289,6 +290,8 @@ def build_model(config: ModelConfig, num_items: int, max_len: int, titles: list[
     mlm.set_attn_implementation(attention_kernel(config.attention_kernel, torch.device(device)))
     if linear_kernel(config.linear_kernel, torch.device(device)) == TOKEN_MAJOR:
         use_token_major_linears(mlm.bert.encoder)
+    if activation_kernel(config.activation_kernel, torch.device(device), compiled=config.compile) == ATEN_ACTIVATION:
+        use_aten_gelu(mlm.bert.encoder)
     base_vocab = mlm.get_input_embeddings().weight.shape[0]
     base_embeddings = mlm.get_input_embeddings().weight.detach().clone()
     first_item_token = len(tokenizer)

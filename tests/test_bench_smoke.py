@@ -28,13 +28,15 @@ def test_the_efficiency_benchmark_runs_and_reports_its_headline_ratios():
     require_data("beauty.txt")
     # The linear-kernel A/B where this CPU can run the token-major kernel (oneDNN with bf16).
     ab = ["--linear-kernel-ab", "16x1W"] if linear_kernel.available() else []
-    figures = _quick("efficiency.py", "--batch", "16", "--keep-layers", "1", *ab, timeout=600)
+    figures = _quick("efficiency.py", "--batch", "16", "--keep-layers", "1", *ab, "--activation-kernel-ab", "16x1c", timeout=600)
     for key in ("vs_naive_ratio", "mfu_cpu", "eval_users_per_s_ratio", "reader_over_step_ratio"):
         assert figures[key] > 0, (key, figures[key])
     assert figures["mfu_cpu_best_setting"]["mfu"] >= figures["mfu_cpu"]
     if ab:
         rounds = figures["details"]["linear_kernel_ab"]["step_s_rounds"]
         assert len(rounds["torch"]) == len(rounds["token_major"]) == 3 and figures["details"]["linear_kernel_ab"]["speedup_median"] > 0
+    rounds = figures["details"]["activation_kernel_ab"]["step_s_rounds"]
+    assert len(rounds["torch"]) == len(rounds["aten"]) == 3 and figures["details"]["activation_kernel_ab"]["speedup_median"] > 0
 
 
 def test_efficiency_settings_parse_with_their_flags_and_reject_typos():
@@ -46,6 +48,7 @@ def test_efficiency_settings_parse_with_their_flags_and_reject_typos():
     assert efficiency.parse_mfu_setting("1024x6cd") == ("beauty", 1024, 6, "cd")
     assert efficiency.parse_mfu_setting("ml-1m:64x6cw") == ("ml-1m", 64, 6, "cw")
     assert efficiency.parse_mfu_setting("ml-1m:64x4Wct") == ("ml-1m", 64, 4, "Wct")
+    assert efficiency.parse_mfu_setting("ml-1m:64x4Wci") == ("ml-1m", 64, 4, "Wci")
     for typo in ("64x", "64x2x3", "64x2q", "64x2cc", "ax2", "0x2", "64x2wW"):
         with pytest.raises(SystemExit, match="--mfu-settings"):
             efficiency.parse_mfu_setting(typo)

@@ -35,6 +35,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("optim.lr=fast", "optim.lr: must be float, got 'fast'"),
         ("model.attention_kernel=flash", "model.attention_kernel: must be one of auto, eager, sdpa, seqrec, got 'flash'"),
         ("model.linear_kernel=fused", "model.linear_kernel: must be one of auto, torch, token_major, got 'fused'"),
+        ("model.activation_kernel=onednn", "model.activation_kernel: must be one of auto, torch, aten, got 'onednn'"),
         ("train.epoch=3", "train.epoch: unknown field"),
         ("eval.ks=[1, 5]", "eval.ks: must include 10"),
         ("train.precision=fp8", "train.precision: must be one of auto, bf16, fp16, fp32"),
