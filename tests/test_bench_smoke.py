@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from seqrec import linear_kernel
+from seqrec.runtime import cpu_supports_bf16
 from tests.conftest import REPO, data_dir, require_data
 
 
@@ -60,6 +61,22 @@ def test_the_host_overhead_benchmark_runs_and_counts_operators():
     figures = _quick("host_overhead.py", timeout=300)
     assert figures["seqrec_over_plain_step_time"] > 0
     assert all(counts["aten"] > 0 for counts in figures["operators_per_step"].values())
+
+
+@pytest.mark.skipif(not (cpu_supports_bf16() and linear_kernel.available()), reason="the kernels compared are bf16 ones: this CPU has no native bf16 in oneDNN")
+def test_the_cpu_kernels_benchmark_times_both_kernel_pairs():
+    figures = _quick("cpu_kernels.py", timeout=300)
+    assert [(row["in_features"], row["out_features"]) for row in figures["weight_gradient"]] == [(384, 1536), (1536, 384), (384, 384)]
+    assert all(row["plain_ms"] > 0 and row["token_major_ms"] > 0 and row["speedup_median"] > 0 for row in figures["weight_gradient"])
+    assert [row["seqrec_takes_token_major"] for row in figures["weight_gradient"]] == [False, False, False]
+    assert len(figures["gelu"]) == 1 and figures["gelu"][0]["inductor_ms"] > 0 and figures["gelu"][0]["aten_ms"] > 0
+
+
+def test_the_cpu_kernels_benchmark_counts_near_equal_timings_as_ties():
+    spec = importlib.util.spec_from_file_location("bench_cpu_kernels", REPO / "bench" / "cpu_kernels.py")
+    cpu_kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_kernels)
+    assert [cpu_kernels.token_major_wins(speedup) for speedup in (1.3, 1.04, 0.97, 0.8)] == [True, None, None, False]
 
 
 def test_the_warm_start_benchmark_runs_all_three_trainings(tmp_path):
