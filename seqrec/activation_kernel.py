@@ -3,13 +3,14 @@
 BERT's feed-forward activation is the exact (erf) GELU over a [tokens, 4 x hidden] matrix, the
 largest elementwise pass of a layer. Under `torch.compile` on a CPU, inductor writes that pass
 itself, with ATen's vectorised erf (a division and an exp per element), while eager PyTorch hands
-it to oneDNN's JIT eltwise kernel. On the 2-core AMX Xeon (ad-hoc probes, bf16, 12,800 x 4,096)
-the forward and backward took 63 ms compiled against 36 ms eager, and an interleaved A/B of
-BERT-large width's compiled ML-1M step gave ~1.05x with the GELU left to ATen (the kept figure:
-`details.activation_kernel_ab` in bench/results/efficiency.json). So under `model.activation_kernel:
-aten` the activation is a custom operator, forward and backward, which the compiler calls as it
-is: the same ATen kernels as eager mode, hence the same values. GPUs keep the compiler's own
-kernel, which fuses the activation with its neighbours at memory speed.
+it to oneDNN's JIT eltwise kernel. On the 2-core AMX Xeon in bf16 the compiled forward and
+backward took 1.44-2.03x as long as ATen's (bench/cpu_kernels.py: 64.7 ms against 28.4 ms at
+9,216 x 4,096), and BERT-large width's compiled ML-1M step ran 1.087x faster with the GELU left
+to ATen (`details.activation_kernel_ab` in bench/results/efficiency.json, alternating rounds).
+So under `model.activation_kernel: aten` the activation is a custom operator, forward and
+backward, which the compiler calls as it is: the same ATen kernels as eager mode, hence the same
+values. GPUs keep the compiler's own kernel, which fuses the activation with its neighbours at
+memory speed.
 """
 
 from __future__ import annotations

@@ -125,15 +125,17 @@ class ModelConfig:
     # torch (nn.Linear) or token_major (seqrec/linear_kernel.py: in CPU bf16 training, the
     # encoder's feed-forward layers at least 512 wide on both sides compute their weight gradient
     # from a token-major copy instead of a transposed operand, oneDNN's slow path; BERT-large
-    # width's compiled ML-1M step 1.07-1.08x on the AMX Xeon; MiniLM's 384-wide layers are left
+    # width's compiled ML-1M step 1.07-1.09x on the AMX Xeon; MiniLM's 384-wide layers are left
     # alone). auto: token_major on CPUs with AMX whose oneDNN runs bf16, torch elsewhere (GPU
     # matmuls take transposed operands at full speed).
     linear_kernel: str = "auto"
     # torch (what PyTorch makes of the feed-forward GELU: ATen's kernel eager, the compiler's own
     # code under model.compile) or aten (seqrec/activation_kernel.py: an operator the compiler
     # calls rather than writes, ATen's kernel either way, the same values; on CPUs that is
-    # oneDNN's, while inductor's erf ran the activation 1.7x slower in a probe). auto: aten for
-    # CPU encoders under model.compile, torch elsewhere (GPU compilers fuse it at memory speed).
+    # oneDNN's: inductor's erf took 1.4-2.0x as long, and BERT-large width's compiled ML-1M step
+    # ran 1.09x faster on the AMX Xeon, bench/results/cpu_kernels.md and efficiency.json). auto:
+    # aten for CPU encoders under model.compile, torch elsewhere (GPU compilers fuse it at memory
+    # speed).
     activation_kernel: str = "auto"
     # torch.compile each encoder layer (dynamic shapes): fuses the elementwise passes between the
     # matmuls. The first steps pay the compilation (tens of seconds on 2 CPU cores, cached on

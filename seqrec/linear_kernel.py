@@ -2,11 +2,11 @@
 
 A linear layer's weight gradient is `grad_output.T @ input`: the token dimension is the product's
 inner dimension, and PyTorch hands the product a transposed operand. On CPUs that is the slow path
-of oneDNN's bf16 matmul: on the 2-core AMX Xeon (ad-hoc probes), BERT-large feed-forward shapes
-(9,216 tokens x 1,024 x 4,096) ran the weight gradient at ~1,000 GFLOP/s against ~2,000 for the
-same product from a contiguous [features, tokens] operand, while the forward and input-gradient
-products ran at 2,000-2,400. So the weight gradient here is the same product after a transposing
-copy of one operand: the narrower of `grad_output` and `input` (transposing the narrower input
+of oneDNN's bf16 matmul: on the 2-core AMX Xeon, BERT-large feed-forward shapes (9,216 tokens x
+1,024 x 4,096) ran the weight gradient at 1,117 GFLOP/s as nn.Linear computes it against 1,626
+token-major, copy included (bench/cpu_kernels.py, bench/results/cpu_kernels.json), while the
+forward and input-gradient products ran at 2,000-2,400 in ad-hoc probes. So the weight gradient
+here is the same product after a transposing copy of one operand: the narrower of `grad_output` and `input` (transposing the narrower input
 also costs transposing the [in, out] result back). PyTorch's own transposing copy is itself slow
 for 2-byte types (21 ms for 9,216 x 1,024 bf16), so the copy goes through oneDNN's reorder (4 ms).
 A custom operator carries it so that `torch.compile` keeps the copy instead of folding it back
@@ -112,13 +112,15 @@ def takes_token_major(layer: nn.Linear) -> bool:
     """Whether the token-major weight gradient pays for its copy in this layer: rectangular
     layers (BERT's feed-forward ones) at least `MIN_FEATURES` wide on both sides.
 
-    Measured on the AMX Xeon in bf16 at 2,560 and 9,216 tokens in ad-hoc probes (not a kept
-    benchmark), the weight gradient alone, PyTorch's against token-major: 1,024 -> 4,096 79 ms
-    against 53 ms at 9,216 tokens, 4,096 -> 1,024 74 against 50, 768 -> 3,072 32 against 30, 3,072
-    -> 768 35 against 29, 512 -> 2,048 and back 17 against 15. Square layers (attention's
-    projections) lose: 768 x 768 6.7 ms against 14.4 (the transposed product is fast there), 1,024
-    x 1,024 even. At 384 wide (MiniLM) the transposed product keeps pace (384 -> 1,536: 7.0 ms
-    either way), and the custom backward's own costs outweighed the one layer that gains."""
+    The weight gradient alone on the AMX Xeon in bf16 at 2,560 and 9,216 tokens, nn.Linear's
+    time over token-major's (bench/cpu_kernels.py, bench/results/cpu_kernels.json): 1,024 ->
+    4,096 1.20-1.39x, 4,096 -> 1,024 1.46-1.53x, 3,072 -> 768 1.27-1.36x, 512 -> 2,048 and back
+    1.11-1.28x, 768 -> 3,072 even. Square layers (attention's projections) lose at 512 and 768
+    (0.49-0.55x: the transposed product is fast there) and tie or gain a little at 1,024
+    (1.02-1.17x), which a whole compiled BERT-large step did not show (0.98-1.01x, an ad-hoc A/B).
+    At MiniLM's 384, 384 -> 1,536 loses (0.66-0.89x) and 1,536 -> 384 gains alone (1.31-1.42x) but
+    not in a whole step once the custom backward's own passes are paid (the ML-1M 2-layer step
+    0.99x in an ad-hoc interleaved A/B), so MiniLM keeps nn.Linear."""
     return layer.in_features != layer.out_features and min(layer.in_features, layer.out_features) >= MIN_FEATURES
 
 
