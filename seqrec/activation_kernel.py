@@ -5,12 +5,12 @@ largest elementwise pass of a layer. Under `torch.compile` on a CPU, inductor wr
 itself, with ATen's vectorised erf (a division and an exp per element), while eager PyTorch hands
 it to oneDNN's JIT eltwise kernel. On the 2-core AMX Xeon in bf16 the compiled forward and
 backward took 1.44-2.03x as long as ATen's (bench/cpu_kernels.py: 64.7 ms against 28.4 ms at
-9,216 x 4,096), and BERT-large width's compiled ML-1M step ran 1.087x faster with the GELU left
-to ATen (`details.activation_kernel_ab` in bench/results/efficiency.json, alternating rounds).
-So under `model.activation_kernel: aten` the activation is a custom operator, forward and
-backward, which the compiler calls as it is: the same ATen kernels as eager mode, hence the same
-values. GPUs keep the compiler's own kernel, which fuses the activation with its neighbours at
-memory speed.
+9,216 x 4,096), and BERT-large width's compiled ML-1M step ran 1.083-1.087x faster with the GELU
+left to ATen in two runs (`details.activation_kernel_ab` in bench/results/efficiency.json,
+alternating rounds). So under `model.activation_kernel: aten` the activation is a custom
+operator, forward and backward, which the compiler calls as it is: the same ATen kernels as
+eager mode, hence the same values. GPUs keep the compiler's own kernel, which fuses the
+activation with its neighbours at memory speed.
 """
 
 from __future__ import annotations

@@ -132,10 +132,10 @@ class ModelConfig:
     # torch (what PyTorch makes of the feed-forward GELU: ATen's kernel eager, the compiler's own
     # code under model.compile) or aten (seqrec/activation_kernel.py: an operator the compiler
     # calls rather than writes, ATen's kernel either way, the same values; on CPUs that is
-    # oneDNN's: inductor's erf took 1.4-2.0x as long, and BERT-large width's compiled ML-1M step
-    # ran 1.09x faster on the AMX Xeon, bench/results/cpu_kernels.md and efficiency.json). auto:
-    # aten for CPU encoders under model.compile, torch elsewhere (GPU compilers fuse it at memory
-    # speed).
+    # oneDNN's: inductor's erf took 1.4-2.0x as long, and BERT-large width's compiled ML-1M
+    # step ran 1.08-1.09x faster on the AMX Xeon, bench/results/cpu_kernels.md and
+    # efficiency.json). auto: aten for CPU encoders under model.compile, torch elsewhere (GPU
+    # compilers fuse it at memory speed).
     activation_kernel: str = "auto"
     # torch.compile each encoder layer (dynamic shapes): fuses the elementwise passes between the
     # matmuls. The first steps pay the compilation (tens of seconds on 2 CPU cores, cached on
