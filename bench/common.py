@@ -77,6 +77,13 @@ def versions() -> dict[str, str]:
     return found
 
 
+def median_round_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median (upper, for an even count) of per-round ratios: each round's two timings a few
+    seconds apart, so the machine's drift over minutes cancels within each ratio."""
+    ratios = sorted(numerator / denominator for numerator, denominator in zip(numerators, denominators))
+    return ratios[len(ratios) // 2]
+
+
 def write_results(name: str, payload: dict, table: list[tuple[str, str]]) -> Path:
     """bench/results/<name>.json, and a markdown table of the headline figures beside it."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import code_version, machine, versions, write_results  # noqa: E402
+from common import code_version, machine, median_round_ratio, versions, write_results  # noqa: E402
 
 # (in_features, out_features) of BERT encoders' linear layers: the feed-forward pair and the
 # square attention projections, at MiniLM's, BERT-base's and BERT-large's widths, and at 512.
@@ -43,7 +42,8 @@ TIE = 0.05
 
 
 def alternating(first, second, repeats: int) -> tuple[float, float, float]:
-    """Best seconds of each callable and the median of per-repeat ratios first/second."""
+    """Best seconds of each callable and the median of per-repeat ratios first/second
+    (`median_round_ratio`, as bench/efficiency.py's A/Bs)."""
     first(), second()  # warm-up (compilation, allocator)
     first_times, second_times = [], []
     for repeat in range(repeats):
@@ -51,8 +51,7 @@ def alternating(first, second, repeats: int) -> tuple[float, float, float]:
             started = time.perf_counter()
             function()
             times.append(time.perf_counter() - started)
-    ratios = [a / b for a, b in zip(first_times, second_times)]
-    return min(first_times), min(second_times), statistics.median(ratios)
+    return min(first_times), min(second_times), median_round_ratio(first_times, second_times)
 
 
 def token_major_wins(speedup: float) -> bool | None:

@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, code_version, machine, synchronize, update_efficiency, versions  # noqa: E402
+from common import RESULTS, code_version, machine, median_round_ratio, synchronize, update_efficiency, versions  # noqa: E402
 
 
 def matmul_peak(dtype, device, seconds: float = 2.0, windows: int = 4) -> float:
@@ -106,13 +106,6 @@ def step_flops(config, tokens: int, length: int, scored_rows: int, num_items: in
     encoder = tokens * layers * 2 * (4 * hidden * hidden + 2 * hidden * inner + 2 * length * hidden)
     head = scored_rows * 2 * ((hidden * hidden if transform_head else 0) + num_items * hidden)
     return 3.0 * (encoder + head)
-
-
-def median_round_ratio(numerators: list[float], denominators: list[float]) -> float:
-    """The median (upper, for an even count) of per-round ratios: each round's two timings a few
-    seconds apart, so the machine's drift over minutes cancels within each ratio."""
-    ratios = sorted(numerator / denominator for numerator, denominator in zip(numerators, denominators))
-    return ratios[len(ratios) // 2]
 
 
 def timed(function, batches, device, warmup: int = 2) -> float:
@@ -211,19 +204,19 @@ def main() -> None:
 
     from quality import prepared
     from seqrec import distributed
+    from seqrec.activation_kernel import NAME as ATEN_ACTIVATION
     from seqrec.config import load_config
     from seqrec.data.prepared import PreparedDataset
     from seqrec.data.split import EvalSet
     from seqrec.data.stream import StreamOptions, sequence_loader
     from seqrec.engine import TrainingEngine, plan_batches
     from seqrec.evaluate import history_batches, metrics_from_ranks
+    from seqrec.linear_kernel import NAME as TOKEN_MAJOR, linear_kernel as chosen_linear_kernel
     from seqrec.losses import LossWeights, MaskedItemObjective
     from seqrec.masking import IGNORE_LABEL, mask_from_draws
     from seqrec.model import build_model
     from seqrec.runtime import autocast_dtype, keep_freed_host_memory
     from seqrec.sharded_eval import evaluate_sharded
-    from seqrec.linear_kernel import NAME as TOKEN_MAJOR, linear_kernel as chosen_linear_kernel
-    from seqrec.activation_kernel import NAME as ATEN_ACTIVATION
     from seqrec.train import optimizer_step
 
     device, _ = distributed.start(args.device, timeout_minutes=30)

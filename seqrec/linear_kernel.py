@@ -6,9 +6,10 @@ of oneDNN's bf16 matmul: on the 2-core AMX Xeon, BERT-large feed-forward shapes 
 1,024 x 4,096) ran the weight gradient at 1,117 GFLOP/s as nn.Linear computes it against 1,626
 token-major, copy included (bench/cpu_kernels.py, bench/results/cpu_kernels.json), while the
 forward and input-gradient products ran at 2,000-2,400 in ad-hoc probes. So the weight gradient
-here is the same product after a transposing copy of one operand: the narrower of `grad_output` and `input` (transposing the narrower input
-also costs transposing the [in, out] result back). PyTorch's own transposing copy is itself slow
-for 2-byte types (21 ms for 9,216 x 1,024 bf16), so the copy goes through oneDNN's reorder (4 ms).
+here is the same product after a transposing copy of one operand: the narrower of `grad_output`
+and `input` (transposing the narrower input also costs transposing the [in, out] result back).
+PyTorch's own transposing copy is itself slow for 2-byte types (21 ms for 9,216 x 1,024 bf16),
+so the copy goes through oneDNN's reorder (4 ms).
 A custom operator carries it so that `torch.compile` keeps the copy instead of folding it back
 into a transposed view.
 

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from seqrec.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def bench_module(script: str) -> ModuleType:
+    """A bench/ script loaded as a module (bench/ is not a package), for its helpers."""
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", REPO / "bench" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def data_dir() -> Path:

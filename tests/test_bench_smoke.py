@@ -4,7 +4,6 @@ the package and the other benchmarks' helpers they import, and report every head
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ import pytest
 
 from seqrec import linear_kernel
 from seqrec.runtime import cpu_supports_bf16
-from tests.conftest import REPO, data_dir, require_data
+from tests.conftest import REPO, bench_module, data_dir, require_data
 
 
 def _quick(script: str, *arguments: str, timeout: int) -> dict:
@@ -41,9 +40,7 @@ def test_the_efficiency_benchmark_runs_and_reports_its_headline_ratios():
 
 
 def test_efficiency_settings_parse_with_their_flags_and_reject_typos():
-    spec = importlib.util.spec_from_file_location("bench_efficiency", REPO / "bench" / "efficiency.py")
-    efficiency = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(efficiency)
+    efficiency = bench_module("efficiency")
     assert efficiency.parse_mfu_setting("256x2") == ("beauty", 256, 2, "")
     assert efficiency.parse_mfu_setting("ml-1m:64x2e") == ("ml-1m", 64, 2, "e")
     assert efficiency.parse_mfu_setting("1024x6cd") == ("beauty", 1024, 6, "cd")
@@ -73,9 +70,7 @@ def test_the_cpu_kernels_benchmark_times_both_kernel_pairs():
 
 
 def test_the_cpu_kernels_benchmark_counts_near_equal_timings_as_ties():
-    spec = importlib.util.spec_from_file_location("bench_cpu_kernels", REPO / "bench" / "cpu_kernels.py")
-    cpu_kernels = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cpu_kernels)
+    cpu_kernels = bench_module("cpu_kernels")
     assert [cpu_kernels.token_major_wins(speedup) for speedup in (1.3, 1.04, 0.97, 0.8)] == [True, None, None, False]
 
 

@@ -1,7 +1,6 @@
 """The quality benchmark's recipes are valid configs, `--set` overrides win over them, and runs
 side by side keep every row."""
 
-import importlib.util
 import json
 import multiprocessing
 import time
@@ -10,16 +9,12 @@ from pathlib import Path
 import pytest
 
 from seqrec.config import load_config
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO, bench_module
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("bench_quality", REPO / "bench" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("quality")
 
 
 def recipe_config(quality, recipe, overrides=(), label=None):
